@@ -1,0 +1,221 @@
+"""The ``prlhf`` command: a thin shell over the Python API.
+
+    prlhf train --config recipe.yaml [--field value ...]   P-DPO (flags override YAML keys)
+    prlhf sft   --config recipe.yaml [--field value ...]   SFT: prompt -> chosen, builds pi_SFT
+    prlhf eval  --model DIR --data FILE --output metrics.json
+    prlhf generate --model DIR --user ID --prompt TEXT
+    prlhf generate --model DIR --input prompts.jsonl --output out.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+logger = logging.getLogger("prlhf")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _to_flags(key: str, value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [f"--{key}", "true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        return [f"--{key}", *map(str, value)]
+    if isinstance(value, dict):
+        return [f"--{key}", json.dumps(value)]
+    return [f"--{key}", str(value)]
+
+
+def parse_config(cls, argv: list[str]):
+    """A config dataclass from ``--config file.yaml`` plus ``--field value`` flags (flags win)."""
+    from transformers import HfArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    flags: list[str] = []
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key not in names:
+                raise ConfigError(f"{path}: unknown config key '{key}' for {cls.__name__}")
+            flags += _to_flags(key, value)
+    parser = HfArgumentParser(cls)
+    try:
+        (cfg,) = parser.parse_args_into_dataclasses(args=flags + rest)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return cfg
+
+
+def _resume_arg(cfg):
+    r = cfg.resume_from_checkpoint
+    if r is None or str(r).lower() in ("", "false", "no"):
+        return None
+    return True if str(r).lower() in ("true", "last", "yes") else r
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .config import PDPOConfig
+    from .trainer import PDPOTrainer
+
+    cfg = parse_config(PDPOConfig, argv)
+    trainer = PDPOTrainer(args=cfg)
+    trainer.train(resume_from_checkpoint=_resume_arg(cfg))
+    trainer.save_model()
+    if trainer.args.should_save:
+        print(f"saved the personalized model to {cfg.output_dir}")
+    return 0
+
+
+def cmd_sft(argv: list[str]) -> int:
+    from .config import PSFTConfig
+    from .trainer import PSFTTrainer
+
+    cfg = parse_config(PSFTConfig, argv)
+    trainer = PSFTTrainer(args=cfg)
+    trainer.train(resume_from_checkpoint=_resume_arg(cfg))
+    out = trainer.save_final()
+    if trainer.args.should_save:
+        print(f"saved the SFT model to {out}")
+    return 0
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from .data import load_preference_data
+    from .evaluation import evaluate_accuracy, load_reference
+    from .modeling import PersonalizedLM
+
+    p = argparse.ArgumentParser(prog="prlhf eval", description="Implicit-reward accuracy of a personalized model.")
+    p.add_argument("--model", required=True, help="folder written by `prlhf train`")
+    p.add_argument("--data", required=True, help="preference pairs (JSONL) to score")
+    p.add_argument("--output", default=None, help="metrics.json to write")
+    p.add_argument("--reference", default=None, help="pi_SFT (default: the one recorded at training time)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-prompt-length", type=int, default=512)
+    p.add_argument("--per-pair", action="store_true", help="also write each pair's margin into metrics.json")
+    a = p.parse_args(argv)
+    model = PersonalizedLM.from_pretrained(a.model)
+    reference = load_reference(model, a.reference)
+    records = load_preference_data(a.data)
+    metrics = evaluate_accuracy(model, records, reference, a.batch_size, a.max_length, a.max_prompt_length)
+    pairs = metrics.pop("pairs")
+    if a.per_pair:
+        metrics["pairs"] = pairs
+    acc = metrics["accuracy"]
+    print(f"pairs: {metrics['n_pairs']} (seen {metrics['n']['seen']}, unseen {metrics['n']['unseen']})")
+    print("| overall | seen | generic | unseen |\n|---|---|---|---|")
+    print(f"| {_fmt(acc['overall'])} | {_fmt(acc['seen'])} | {_fmt(acc['generic'])} | {_fmt(acc['unseen'])} |")
+    print("\n| user | accuracy |\n|---|---|")
+    for uid, v in sorted(acc["per_user"].items()):
+        print(f"| {uid} | {_fmt(v)} |")
+    if a.output:
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.output).write_text(json.dumps(metrics, indent=1))
+        print(f"\nwrote {a.output}")
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    import torch
+
+    from .modeling import PersonalizedLM
+
+    p = argparse.ArgumentParser(prog="prlhf generate", description="Personalized generation.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--user", default=None, help="user id (unknown or omitted: the generic user)")
+    p.add_argument("--user-text", default=None, help="the user's text (explicit user model)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--input", default=None, help="JSONL of records with 'prompt' and 'user_id' (and optional 'user_text')")
+    p.add_argument("--output", default=None, help="JSONL to write (batch mode)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if (a.prompt is None) == (a.input is None):
+        p.error("give either --prompt or --input")
+    torch.manual_seed(a.seed)
+    model = PersonalizedLM.from_pretrained(a.model)
+    kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample)
+    if a.do_sample:
+        kw.update(temperature=a.temperature, top_p=a.top_p)
+    if a.prompt is not None:
+        print(model.generate([a.prompt], [a.user], [a.user_text], **kw)[0])
+        return 0
+    records = []
+    with open(a.input, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{a.input}: line {lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(rec, dict) or "prompt" not in rec:
+                raise ConfigError(f"{a.input}: line {lineno}: field 'prompt' is missing")
+            records.append(rec)
+    out_f = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout
+    try:
+        for s in range(0, len(records), a.batch_size):
+            chunk = records[s:s + a.batch_size]
+            texts = model.generate([r["prompt"] for r in chunk], [r.get("user_id") for r in chunk],
+                                   [r.get("user_text") for r in chunk], **kw)
+            for r, t in zip(chunk, texts):
+                out_f.write(json.dumps({**r, "response": t}, ensure_ascii=False) + "\n")
+            logger.info("generated %d/%d", min(s + a.batch_size, len(records)), len(records))
+    finally:
+        if a.output:
+            out_f.close()
+    if a.output:
+        print(f"wrote {len(records)} responses to {a.output}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .data import DataError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"prlhf {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
