@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random Llama (offline) and small per-user preference data."""
+
+import random
+
+import pytest
+import torch
+
+from prlhf.data import PreferenceCollator, TokenizeSettings, load_preference_data, tokenize_dataset
+from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+from prlhf.models import tiny_llama
+from prlhf.users import UserRegistry
+
+WORDS = "the dog cat runs fast slow big small house tree river sun moon day night".split()
+
+
+def two_user_records(n_prompts: int = 16, seed: int = 0, users=("long_fan", "short_fan")) -> list[dict]:
+    """Users with opposite length preferences on the same prompts."""
+    rng = random.Random(seed)
+    recs = []
+    for _ in range(n_prompts):
+        prompt = "Q: " + " ".join(rng.choices(WORDS, k=5)) + "\nA:"
+        short = " " + " ".join(rng.choices(WORDS, k=2))
+        long = " " + " ".join(rng.choices(WORDS, k=12))
+        for u in users:
+            chosen, rejected = (long, short) if u.startswith("long") else (short, long)
+            recs.append({"user_id": u, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return recs
+
+
+def build_model(user_model="individual", n_tokens=3, users=("a", "b", "c"), seed=0, randomize=True, **cfg):
+    llm, tok = tiny_llama()
+    config = PersonalizationConfig(base_model_name_or_path="tiny-llama", user_model=user_model,
+                                   n_user_tokens=n_tokens, seed=seed, **cfg)
+    model = PersonalizedLM.build(config, UserRegistry(users), llm=llm, tokenizer=tok)
+    if randomize and model.user_model is not None:  # make users differ (offsets start at 0)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.user_model.parameters():
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def collate(model, records, side="right", **settings):
+    settings = TokenizeSettings(n_user_tokens=model.n_implicit_tokens,
+                                max_user_text_tokens=model.prlhf_config.max_user_text_tokens, **settings)
+    examples = tokenize_dataset(load_preference_data(records), model.tokenizer, settings, model.registry)
+    tok = model.tokenizer
+    return PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, side)(examples)
+
+
+@pytest.fixture
+def records():
+    return two_user_records()
