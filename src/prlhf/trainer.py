@@ -210,10 +210,18 @@ class PDPOTrainer(_ResumableTrainer):
                 stored[f"rewards/accuracies_user/{uid}"] = h / c
         if mode == "eval":
             stored = {f"eval_{k}": v for k, v in stored.items()}
+            self._last_eval_metrics = stored
         logs = {**logs, **stored}
         self._metrics[mode].clear()
         self._user_hits[mode].clear()
         super().log(logs, start_time)
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """``Trainer.evaluate`` plus the preference metrics (``eval_rewards/accuracies``, ...)."""
+        self._last_eval_metrics = {}
+        metrics = super().evaluate(*args, **kwargs)
+        metrics.update(self._last_eval_metrics)
+        return metrics
 
     # -- optimizer: a separate learning rate for the user model -------------------------------
 

@@ -1,0 +1,156 @@
+"""PDPOTrainer / PSFTTrainer: gradients reach the right user rows, training learns per-user
+preferences, checkpoints resume exactly, metrics carry TRL's names."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import two_user_records
+from prlhf.config import PDPOConfig, PSFTConfig
+from prlhf.evaluation import evaluate_accuracy
+from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+from prlhf.models import tiny_llama
+from prlhf.trainer import PDPOTrainer, PSFTTrainer, latest_checkpoint
+from prlhf.users import UserRegistry
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, disable_tqdm=True,
+                per_device_train_batch_size=4, learning_rate=1e-3, n_user_tokens=2, save_strategy="no",
+                logging_steps=1, train_sampling_strategy="sequential", weight_decay=0.0)
+    base.update(kw)
+    return PDPOConfig(**base)
+
+
+def model_for(user_model, users, **cfg):
+    llm, tok = tiny_llama()
+    config = PersonalizationConfig("tiny-llama", user_model=user_model, n_user_tokens=2, **cfg)
+    return PersonalizedLM.build(config, UserRegistry(users), llm=llm, tokenizer=tok)
+
+
+@pytest.mark.parametrize("kind", ["individual", "cluster"])
+def test_one_step_on_user_a_changes_only_a_and_shared_parts(tmp_path, kind):
+    records = [r for r in two_user_records(n_prompts=2, users=("a", "b")) if r["user_id"] == "a"]
+    model = model_for(kind, ["a", "b", "c"], n_clusters=3)
+    before = {k: v.detach().clone() for k, v in model.user_model.state_dict().items()}
+    trainer = PDPOTrainer(model=model, args=args(tmp_path, max_steps=1, user_model=kind), train_dataset=records)
+    trainer.train()
+    after = model.user_model.state_dict()
+    if kind == "individual":
+        moved = (after["offsets"] - before["offsets"]).abs().sum(dim=(1, 2))  # rows a, b, c (row 0 has no offset)
+        assert moved[0] > 0, "user a's offset did not move"
+        assert moved[1] == 0 and moved[2] == 0, "other users' offsets moved"
+        assert not torch.equal(after["generic"], before["generic"]), "e_0 did not move"
+    else:
+        moved = (after["user_logits"] - before["user_logits"]).abs().sum(dim=1)  # rows generic, a, b, c
+        assert moved[0] > 0 and moved[1] > 0, "the generic user's and a's weights must move"
+        assert moved[2] == 0 and moved[3] == 0, "other users' weights moved"
+        assert not torch.equal(after["clusters"], before["clusters"])
+
+
+def test_alpha_one_leaves_generic_user_untouched(tmp_path):
+    """alpha = 1: no generic term, so the generic user's cluster weights get no gradient."""
+    records = [r for r in two_user_records(n_prompts=2, users=("a", "b")) if r["user_id"] == "a"]
+    model = model_for("cluster", ["a", "b"], n_clusters=3)
+    before = model.user_model.user_logits.detach().clone()
+    trainer = PDPOTrainer(model=model, args=args(tmp_path, max_steps=1, alpha=1.0, user_model="cluster"), train_dataset=records)
+    assert trainer.terms_needed(model) == (True, False)
+    trainer.train()
+    assert torch.equal(model.user_model.user_logits[0], before[0])
+    assert not torch.equal(model.user_model.user_logits[1], before[1])
+
+
+def test_pdpo_learns_opposite_preferences_and_vanilla_cannot(tmp_path):
+    records = two_user_records(n_prompts=24)
+    results = {}
+    for kind in ("individual", "none"):
+        a = args(tmp_path / kind, num_train_epochs=3, per_device_train_batch_size=8, user_model=kind,
+                 n_user_tokens=4, user_learning_rate=1e-2, train_sampling_strategy="random", logging_steps=100)
+        trainer = PDPOTrainer(args=a, train_dataset=records)
+        trainer.train()
+        results[kind] = evaluate_accuracy(trainer.model, records, trainer.reference_model)["accuracy"]
+    assert results["individual"]["per_user"]["long_fan"] >= 0.9
+    assert results["individual"]["per_user"]["short_fan"] >= 0.9
+    # vanilla DPO sees every prompt with both labels: it cannot beat 0.5 on both users at once
+    assert min(results["none"]["per_user"].values()) <= 0.6
+
+
+def test_logs_use_trl_metric_names_and_per_user_accuracy(tmp_path):
+    records = two_user_records(n_prompts=4)
+    trainer = PDPOTrainer(args=args(tmp_path, max_steps=2), train_dataset=records, eval_dataset=records[:4])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "rewards_generic/accuracies"]:
+        assert key in logs[0], key
+    assert any(k.startswith("rewards/accuracies_user/") for k in logs[0])
+    ev = trainer.evaluate()
+    assert "eval_loss" in ev and "eval_rewards/accuracies" in ev
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    records = two_user_records(n_prompts=8)
+    full = PDPOTrainer(args=args(tmp_path / "full", max_steps=4), train_dataset=records)
+    full.train()
+    interrupted = PDPOTrainer(args=args(tmp_path / "cut", max_steps=4, save_strategy="steps", save_steps=2),
+                              train_dataset=records)
+    interrupted.train()
+    out = Path(tmp_path / "cut" / "out")
+    assert latest_checkpoint(out).endswith("checkpoint-4")
+    (out / "checkpoint-4" / "trainer_state.json").unlink()  # a checkpoint cut off while being written
+    assert latest_checkpoint(out).endswith("checkpoint-2")
+    resumed = PDPOTrainer(args=args(tmp_path / "cut", max_steps=4), train_dataset=records)
+    resumed.train(resume_from_checkpoint=True)
+    for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "user_model.safetensors").is_file() and (ckpt / "model.safetensors").is_file()
+    assert not list(ckpt.glob("pytorch_model*.bin"))  # weights as safetensors only
+
+
+def test_save_model_writes_a_loadable_model(tmp_path):
+    records = two_user_records(n_prompts=4)
+    trainer = PDPOTrainer(args=args(tmp_path, max_steps=1, user_model="cluster", n_clusters=2), train_dataset=records)
+    trainer.train()
+    trainer.save_model()
+    out = Path(trainer.args.output_dir)
+    cfg = json.loads((out / "prlhf_config.json").read_text())
+    assert cfg["user_model"] == "cluster" and cfg["reference_model_name_or_path"] == "tiny-llama"
+    assert json.loads((out / "users.json").read_text())["users"] == ["long_fan", "short_fan"]
+    loaded = PersonalizedLM.from_pretrained(out)
+    m1 = evaluate_accuracy(trainer.model, records, trainer.reference_model)
+    m2 = evaluate_accuracy(loaded, records, tiny_llama()[0])
+    assert [p["margin"] for p in m1["pairs"]] == pytest.approx([p["margin"] for p in m2["pairs"]], abs=1e-5)
+
+
+def test_lora_training_uses_disabled_adapters_as_reference(tmp_path):
+    records = two_user_records(n_prompts=4)
+    trainer = PDPOTrainer(args=args(tmp_path, max_steps=2, use_lora=True, lora_r=4), train_dataset=records)
+    assert trainer.reference_model is None  # no second copy of the weights
+    trainer.train()
+    trainer.save_model()
+    out = Path(trainer.args.output_dir)
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    loaded = PersonalizedLM.from_pretrained(out)
+    m1 = evaluate_accuracy(trainer.model, records, None)
+    m2 = evaluate_accuracy(loaded, records, None)
+    assert [p["margin"] for p in m1["pairs"]] == pytest.approx([p["margin"] for p in m2["pairs"]], abs=1e-5)
+    assert any(abs(p["margin"]) > 1e-4 for p in m1["pairs"])  # the adapter did move the policy
+
+
+def test_sft_lowers_nll_of_chosen(tmp_path):
+    records = two_user_records(n_prompts=8)
+    cfg = PSFTConfig(output_dir=str(tmp_path / "sft"), report_to="none", use_cpu=True, disable_tqdm=True,
+                     per_device_train_batch_size=8, learning_rate=5e-3, num_train_epochs=8, save_strategy="no",
+                     logging_steps=1)
+    trainer = PSFTTrainer(args=cfg, train_dataset=records)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.8 * losses[0]
+    out = trainer.save_final()
+    from prlhf.models import load_model_and_tokenizer
+
+    llm, _ = load_model_and_tokenizer(out)  # a plain model folder, usable as model_name_or_path
+    assert sum(p.numel() for p in llm.parameters()) == sum(p.numel() for p in tiny_llama()[0].parameters())
