@@ -2,28 +2,35 @@
 
 Li, Zhou, Lipton, Leqi. "Personalized Language Modeling from Personalized Human Feedback",
 arXiv 2402.05133.
+
+Names are imported lazily, so that ``import prlhf`` (and the CLI) start fast.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .config import PDPOConfig, PSFTConfig
-from .data import DataError, load_preference_data
-from .losses import personalized_loss, preference_loss, sequence_logps
-from .modeling import PersonalizationConfig, PersonalizedLM
-from .trainer import PDPOTrainer, PSFTTrainer
-from .users import UserRegistry
+_EXPORTS = {
+    "PDPOConfig": "config",
+    "PSFTConfig": "config",
+    "DataError": "data",
+    "load_preference_data": "data",
+    "evaluate_accuracy": "evaluation",
+    "personalized_loss": "losses",
+    "preference_loss": "losses",
+    "sequence_logps": "losses",
+    "PersonalizationConfig": "modeling",
+    "PersonalizedLM": "modeling",
+    "load_model_and_tokenizer": "models",
+    "PDPOTrainer": "trainer",
+    "PSFTTrainer": "trainer",
+    "UserRegistry": "users",
+}
 
-__all__ = [
-    "DataError",
-    "PDPOConfig",
-    "PDPOTrainer",
-    "PSFTConfig",
-    "PSFTTrainer",
-    "PersonalizationConfig",
-    "PersonalizedLM",
-    "UserRegistry",
-    "load_preference_data",
-    "personalized_loss",
-    "preference_loss",
-    "sequence_logps",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'prlhf' has no attribute {name!r}")

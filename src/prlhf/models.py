@@ -142,7 +142,15 @@ def _convert_smollm2_gguf(target: Path) -> None:
         raise ImportError("smollm2-135m-instruct from GGUF needs the `gguf` package: pip install 'prlhf[smollm2]'")
     logger.warning("Converting %s to safetensors in %s (once)", gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the de-quantised weights in a plain model (a GGUF-loaded model refuses save_pretrained)
+    config = loaded.config
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
@@ -154,19 +162,29 @@ def _convert_smollm2_gguf(target: Path) -> None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Turn an alias into a loadable folder or hub id; other names pass through unchanged."""
+    """Turn an alias into a loadable folder or hub id; other names pass through unchanged.
+
+    ``smollm2-135m-instruct``: the hub model if it is in the local Hugging Face cache; else the
+    GGUF conversion if it was made before; else the hub (when reachable); else convert the GGUF.
+    """
     if name_or_path != SMOLLM2:
         return name_or_path
-    try:  # the hub model, from the local HF cache or the network
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        return snapshot_download(SMOLLM2_HUB_ID, local_files_only=offline, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    except Exception as err:  # noqa: BLE001 - any hub failure means: use the offline copy
-        logger.info("smollm2-135m-instruct: hub not available (%s); using the packaged GGUF", type(err).__name__)
+    patterns = ["*.json", "*.safetensors", "*.txt"]
+    try:
+        return snapshot_download(SMOLLM2_HUB_ID, local_files_only=True, allow_patterns=patterns)
+    except Exception:  # noqa: BLE001 - not in the local hub cache
+        pass
     target = cache_dir() / "smollm2-135m-instruct-gguf"
-    if not (target / "config.json").is_file():
-        _convert_smollm2_gguf(target)
+    if (target / "config.json").is_file():
+        return str(target)
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
+        try:
+            return snapshot_download(SMOLLM2_HUB_ID, allow_patterns=patterns)
+        except Exception as err:  # noqa: BLE001 - any hub failure means: use the offline copy
+            logger.info("smollm2-135m-instruct: hub not reachable (%s); using the packaged GGUF", type(err).__name__)
+    _convert_smollm2_gguf(target)
     return str(target)
 
 

@@ -1,0 +1,83 @@
+"""The `prlhf` command: YAML + flag overrides, train -> eval -> generate on a saved model, clear errors."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import two_user_records
+from prlhf.cli import ConfigError, main, parse_config
+from prlhf.config import PDPOConfig
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_flags_override_yaml(tmp_path):
+    cfg_file = tmp_path / "r.yaml"
+    cfg_file.write_text(yaml.safe_dump({"beta": 0.2, "alpha": 0.7, "user_model": "cluster", "n_clusters": 3,
+                                        "use_lora": True, "output_dir": str(tmp_path / "o")}))
+    cfg = parse_config(PDPOConfig, ["--config", str(cfg_file), "--beta", "0.5", "--n_user_tokens", "7"])
+    assert (cfg.beta, cfg.alpha, cfg.user_model, cfg.n_clusters, cfg.use_lora, cfg.n_user_tokens) == (0.5, 0.7, "cluster", 3, True, 7)
+    assert cfg.remove_unused_columns is False
+
+
+def test_unknown_yaml_key_names_file_and_key(tmp_path):
+    cfg_file = tmp_path / "r.yaml"
+    cfg_file.write_text("beta: 0.1\nbetta: 0.2\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: unknown config key 'betta'"):
+        parse_config(PDPOConfig, ["--config", str(cfg_file)])
+
+
+def test_bad_value_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="user_model"):
+        parse_config(PDPOConfig, ["--user_model", "everyone", "--output_dir", str(tmp_path)])
+
+
+def test_train_eval_generate_round_trip(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", two_user_records(n_prompts=16))
+    test = write_jsonl(tmp_path / "test.jsonl", two_user_records(n_prompts=4, seed=1) + [
+        dict(r, user_id="newcomer") for r in two_user_records(n_prompts=2, seed=2, users=("long_x",))])
+    out = tmp_path / "model"
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": "tiny-llama", "train_file": str(train), "output_dir": str(out),
+                                   "user_model": "individual", "n_user_tokens": 4, "learning_rate": 1e-3,
+                                   "user_learning_rate": 1e-2, "per_device_train_batch_size": 8, "num_train_epochs": 1,
+                                   "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "use_cpu": True}))
+    assert main(["train", "--config", str(cfg), "--num_train_epochs", "3"]) == 0
+    assert json.loads((out / "training_args.json").read_text())["num_train_epochs"] == 3  # the flag won
+
+    metrics_path = tmp_path / "metrics.json"
+    assert main(["eval", "--model", str(out), "--data", str(test), "--output", str(metrics_path)]) == 0
+    m = json.loads(metrics_path.read_text())
+    assert m["n_pairs"] == 8 + 2
+    acc = m["accuracy"]
+    assert set(acc) >= {"overall", "seen", "generic", "unseen", "per_user"}
+    assert set(acc["per_user"]) == {"long_fan", "short_fan", "newcomer"}
+    assert m["n"] == {"seen": 8, "unseen": 2}
+    assert acc["seen"] == pytest.approx((acc["per_user"]["long_fan"] + acc["per_user"]["short_fan"]) / 2)
+    assert acc["unseen"] == acc["per_user"]["newcomer"]
+    assert acc["seen"] >= 0.9  # the two opposite users are both learned, on held-out prompts
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--user", "long_fan", "--prompt", "Q: the dog\nA:", "--max-new-tokens", "5"]) == 0
+    single = capsys.readouterr().out.strip()
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Q: the dog\nA:", "user_id": "long_fan"},
+                                                        {"prompt": "Q: the cat\nA:", "user_id": None},
+                                                        {"prompt": "Q: the dog\nA:", "user_id": "short_fan"}])
+    gen_out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(out), "--input", str(prompts), "--output", str(gen_out),
+                 "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(line) for line in gen_out.read_text().splitlines()]
+    assert [r["user_id"] for r in rows] == ["long_fan", None, "short_fan"]
+    assert rows[0]["response"].strip() == single  # batch mode == single mode for the same user and prompt
+
+
+def test_bad_data_gives_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    assert main(["train", "--train_file", str(bad), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl: record 1 (line 2): field 'rejected' is missing" in err
