@@ -81,3 +81,14 @@ def test_bad_data_gives_clear_error(tmp_path, capsys):
     assert main(["train", "--train_file", str(bad), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true"]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl: record 1 (line 2): field 'rejected' is missing" in err
+
+
+def test_sft_reads_a_pdpo_recipe_and_missing_model_is_a_clear_error(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", two_user_records(n_prompts=2))
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump({"train_file": str(train), "user_model": "cluster", "alpha": 0.3, "max_steps": 1,
+                                   "output_dir": str(tmp_path / "sft"), "report_to": "none", "use_cpu": True}))
+    assert main(["sft", "--config", str(cfg)]) == 0
+    assert (tmp_path / "sft" / "model.safetensors").is_file()
+    assert main(["train", "--config", str(cfg), "--model_name_or_path", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such model folder" in capsys.readouterr().err

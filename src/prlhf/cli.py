@@ -37,8 +37,10 @@ def _to_flags(key: str, value) -> list[str]:
     return [f"--{key}", str(value)]
 
 
-def parse_config(cls, argv: list[str]):
-    """A config dataclass from ``--config file.yaml`` plus ``--field value`` flags (flags win)."""
+def parse_config(cls, argv: list[str], ignore: set[str] = frozenset()):
+    """A config dataclass from ``--config file.yaml`` plus ``--field value`` flags (flags win).
+    YAML keys in ``ignore`` are skipped (one recipe serves ``sft`` and ``train``); other unknown
+    keys are errors."""
     from transformers import HfArgumentParser
 
     pre = argparse.ArgumentParser(add_help=False)
@@ -56,7 +58,12 @@ def parse_config(cls, argv: list[str]):
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         names = {f.name for f in dataclasses.fields(cls)}
+        skipped = sorted(k for k in data if k not in names and k in ignore)
+        if skipped:
+            logger.info("%s: %s ignores the keys %s", path, cls.__name__, ", ".join(skipped))
         for key, value in data.items():
+            if key in skipped:
+                continue
             if key not in names:
                 raise ConfigError(f"{path}: unknown config key '{key}' for {cls.__name__}")
             flags += _to_flags(key, value)
@@ -92,7 +99,10 @@ def cmd_sft(argv: list[str]) -> int:
     from .config import PSFTConfig
     from .trainer import PSFTTrainer
 
-    cfg = parse_config(PSFTConfig, argv)
+    from .config import PDPOConfig
+
+    pdpo_only = {f.name for f in dataclasses.fields(PDPOConfig)} - {f.name for f in dataclasses.fields(PSFTConfig)}
+    cfg = parse_config(PSFTConfig, argv, ignore=pdpo_only)
     trainer = PSFTTrainer(args=cfg)
     trainer.train(resume_from_checkpoint=_resume_arg(cfg))
     out = trainer.save_final()

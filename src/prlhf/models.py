@@ -198,10 +198,22 @@ def load_model_and_tokenizer(
         model, tokenizer = tiny_llama()
     else:
         path = resolve_model_path(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
-        )
+        local = Path(path).expanduser()
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep == "\\" and "\\" in path
+        if not local.exists() and looks_local:
+            raise FileNotFoundError(f"{name_or_path}: no such model folder")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+            )
+        except OSError as err:
+            if local.exists():
+                raise
+            raise FileNotFoundError(
+                f"{name_or_path}: not a local folder, and loading it from the Hugging Face hub failed "
+                f"({type(err).__name__}). Offline, use a local folder or the aliases {', '.join(ALIASES)}."
+            ) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.generation_config, "pad_token_id", None) is None:
