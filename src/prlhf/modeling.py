@@ -194,7 +194,9 @@ class PersonalizedLM(nn.Module):
         tok, cfg = self.tokenizer, self.prlhf_config
         seqs = []
         for i, (prompt, uid) in enumerate(zip(prompts, user_ids)):
-            text = user_texts[i] if user_texts is not None and user_texts[i] else self.registry.user_texts.get(str(uid)) if uid is not None else None
+            text = user_texts[i] if user_texts is not None else None
+            if not text and uid is not None:
+                text = self.registry.user_texts.get(str(uid))
             text_ids = encode_user_text(tok, text, cfg.max_user_text_tokens)
             seqs.append(build_sequence(tokenize_prompt(tok, prompt), [], text_ids, self.n_implicit_tokens, tok.bos_token_id, tok.pad_token_id))
         batch = {k: v.to(self.device) for k, v in collate_sequences(seqs, tok.pad_token_id, "left").items()}
@@ -259,7 +261,7 @@ class PersonalizedLM(nn.Module):
 
             base, _ = load_model_and_tokenizer(config.base_model_name_or_path, trust_remote_code=trust_remote_code)
             llm = PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)
-            _, tokenizer = _load_tokenizer(directory, trust_remote_code)
+            tokenizer = _load_tokenizer(directory, trust_remote_code)
         else:
             llm, tokenizer = load_model_and_tokenizer(str(directory), trust_remote_code=trust_remote_code)
         table = llm.get_input_embeddings().weight
@@ -295,7 +297,7 @@ def _load_tokenizer(directory: Path, trust_remote_code: bool):
     tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return None, tok
+    return tok
 
 
 def generic_rows_like(user_rows: torch.Tensor) -> torch.Tensor:
