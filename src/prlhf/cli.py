@@ -5,6 +5,9 @@
     prlhf eval  --model DIR --data FILE --output metrics.json
     prlhf generate --model DIR --user ID --prompt TEXT
     prlhf generate --model DIR --input prompts.jsonl --output out.jsonl
+    prlhf data convert {tldr,psoups,prism,dsp} --input PATH --output DIR [options]
+    prlhf data synth --output DIR [options]
+    prlhf data inspect FILE [--json]
 """
 
 from __future__ import annotations
@@ -209,7 +212,109 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate}
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else []
+
+
+def _data_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prlhf data", description="Convert, synthesize and inspect preference data.")
+    sub = p.add_subparsers(dest="action", required=True)
+    conv = sub.add_parser("convert", help="convert a data set of the paper into train/test/unseen files")
+    src = conv.add_subparsers(dest="source", required=True)
+
+    def common(sp, unseen=True):
+        sp.add_argument("--input", required=True, help="local file or folder (or a hub data set name when reachable)")
+        sp.add_argument("--output", required=True, help="folder for train.jsonl, test.jsonl, unseen.jsonl, users.json")
+        sp.add_argument("--test-fraction", type=float, default=0.1, help="share of prompts held out for test.jsonl")
+        sp.add_argument("--seed", type=int, default=0)
+        if unseen:
+            sp.add_argument("--unseen-users", default="", help="comma-separated users kept out of training")
+
+    t = src.add_parser("tldr", help="OpenAI summarize_from_feedback comparisons (Reddit TL;DR)")
+    common(t, unseen=False)
+    t.add_argument("--label", choices=["human", "length"], default="human",
+                   help="human: the worker's choice; length: the paper's conflicting length preferences")
+    t.add_argument("--long-share", type=float, default=0.7, help="share of workers preferring longer summaries (--label length)")
+    t.add_argument("--length-unit", choices=["words", "chars"], default="words")
+    t.add_argument("--top-k", type=int, default=10, help="the k most frequent workers are seen users (0: all)")
+    t.add_argument("--sft-only", action="store_true", help="keep comparisons of two supervised (sup, not ppo) policies")
+    t.add_argument("--max-prompt-chars", type=int, default=None, help="truncate posts to this many characters")
+    t.add_argument("--hub-split", default="validation", help="split of the hub data set")
+    ps = src.add_parser("psoups", help="P-SOUPS: RLPHF P1A.json ... P3B.json, or uid/prompt/chosen/rejected rows")
+    common(ps)
+    ps.add_argument("--keep-preference-prompt", action="store_true", help="keep the 'Generate a response that ...' sentence")
+    ps.add_argument("--profiles", default=None, help="folder with pref1A.txt ... pref3B.txt (profile descriptions)")
+    ps.add_argument("--user-text", choices=["none", "profile"], default="none")
+    ps.add_argument("--format", choices=["chat", "text"], default="chat")
+    pr = src.add_parser("prism", help="PRISM: a folder with survey.jsonl and conversations.jsonl")
+    common(pr, unseen=False)
+    pr.add_argument("--unseen-fraction", type=float, default=0.1, help="share of participants kept out of training")
+    pr.add_argument("--user-fields", default="stated_prefs,self_description,demographics",
+                    help="survey fields in user_text: stated_prefs, self_description, demographics, system_string")
+    pr.add_argument("--skip-ties", action="store_true", help="skip pairs whose responses got the same score")
+    pr.add_argument("--max-users", type=int, default=None, help="only the first N participants of survey.jsonl")
+    d = src.add_parser("dsp", help="Domain-Specific Preference JSON (query, responses per domain)")
+    common(d)
+    d.add_argument("--rejected-per-query", type=int, default=1, help="rejected responses per query and user")
+    d.add_argument("--rejected-pool", choices=["all", "domains", "normal"], default="all",
+                   help="where rejected responses come from: other domains, 'normal', or both")
+    d.add_argument("--format", choices=["chat", "text"], default="chat")
+
+    sy = sub.add_parser("synth", help="synthetic users with conflicting preferences (no download)")
+    sy.add_argument("--output", required=True)
+    sy.add_argument("--n-users", type=int, default=20, help="seen users")
+    sy.add_argument("--unseen-users", type=int, default=4)
+    sy.add_argument("--majority-share", type=float, default=0.7)
+    sy.add_argument("--n-prompts", type=int, default=150)
+    sy.add_argument("--pairs-per-user", type=int, default=40)
+    sy.add_argument("--attributes", default="length", help="comma-separated: length, tone")
+    sy.add_argument("--test-fraction", type=float, default=0.2)
+    sy.add_argument("--format", choices=["chat", "text"], default="text")
+    sy.add_argument("--seed", type=int, default=0)
+
+    ins = sub.add_parser("inspect", help="users, pairs per user, agreement, accuracy ceilings")
+    ins.add_argument("file")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def cmd_data(argv: list[str]) -> int:
+    from .sources import CONVERTERS, synthesize, write_conversion
+
+    a = _data_parser().parse_args(argv)
+    if a.action == "inspect":
+        from .data import load_preference_data
+        from .inspection import format_report, inspect_pairs
+
+        stats = inspect_pairs(load_preference_data(a.file))
+        if a.json:
+            print(json.dumps(stats, indent=1))
+        else:
+            print(format_report(stats))
+        return 0
+    if a.action == "synth":
+        conv = synthesize(a.n_users, a.unseen_users, a.majority_share, a.n_prompts, a.pairs_per_user,
+                          tuple(_csv(a.attributes)), a.test_fraction, a.seed, a.format)
+    else:
+        kw = {k: v for k, v in vars(a).items() if k not in ("action", "source", "output")}
+        kw = {k.replace("-", "_"): v for k, v in kw.items()}
+        if "unseen_users" in kw:
+            kw["unseen_users"] = tuple(_csv(kw["unseen_users"]))
+        if "user_fields" in kw:
+            kw["user_fields"] = tuple(_csv(kw["user_fields"]))
+        if "profiles" in kw:
+            kw["profiles_dir"] = kw.pop("profiles")
+        if a.source == "tldr" and kw.get("top_k") == 0:
+            kw["top_k"] = None
+        conv = CONVERTERS[a.source](**kw)
+    out = write_conversion(conv, a.output)
+    print(conv.summary_table())
+    print(f"\nwrote {out}/train.jsonl, test.jsonl" + (", unseen.jsonl" if (out / "unseen.jsonl").exists() else "")
+          + ", users.json")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         print(f"prlhf {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,172 @@
+"""What every data source shares: the conversion result, seeded stable splits, output files, summary.
+
+Every converter returns a ``Conversion``: canonical records for ``train`` (seen users),
+``test`` (held-out pairs of seen users), ``unseen`` (pairs of users kept out of training), a
+``users`` table (one entry per user: id, seen, and what the source knows of them) and counts
+of records read, written and skipped by reason. ``write_conversion`` writes
+``train.jsonl``, ``test.jsonl``, ``unseen.jsonl`` (when there are unseen users) and
+``users.json``, and the summary table is printed by the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data import DataError
+
+
+@dataclass
+class Conversion:
+    source: str
+    train: list[dict] = field(default_factory=list)
+    test: list[dict] = field(default_factory=list)
+    unseen: list[dict] = field(default_factory=list)
+    users: dict[str, dict] = field(default_factory=dict)  # user id -> {"seen": bool, ...}
+    read: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    notes: Counter = field(default_factory=Counter)  # things done to kept records, e.g. prompts cleaned
+    options: dict = field(default_factory=dict)
+
+    @property
+    def written(self) -> int:
+        return len(self.train) + len(self.test) + len(self.unseen)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] += n
+
+    def summary_rows(self) -> list[tuple[str, int]]:
+        rows = [("records read", self.read), ("pairs written", self.written), ("  train", len(self.train)),
+                ("  test", len(self.test)), ("  unseen", len(self.unseen)),
+                ("users seen", sum(1 for u in self.users.values() if u["seen"])),
+                ("users unseen", sum(1 for u in self.users.values() if not u["seen"]))]
+        rows += [(f"skipped: {reason}", n) for reason, n in sorted(self.skipped.items())]
+        rows += [(f"note: {what}", n) for what, n in sorted(self.notes.items())]
+        return rows
+
+    def summary_table(self) -> str:
+        lines = [f"| {self.source} | count |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in self.summary_rows()]
+        return "\n".join(lines)
+
+    def summary_dict(self) -> dict:
+        return {"source": self.source, "read": self.read, "written": self.written, "train": len(self.train),
+                "test": len(self.test), "unseen": len(self.unseen), "skipped": dict(self.skipped),
+                "notes": dict(self.notes),
+                "users_seen": sum(1 for u in self.users.values() if u["seen"]),
+                "users_unseen": sum(1 for u in self.users.values() if not u["seen"])}
+
+
+def stable_fraction(key: str, seed: int) -> float:
+    """A number in [0, 1) fixed by (seed, key): splits do not depend on record order or Python's hash."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_test(prompt_key: str, test_fraction: float, seed: int) -> bool:
+    """Held-out by prompt, so that no test prompt is seen in training."""
+    return stable_fraction("test:" + prompt_key, seed) < test_fraction
+
+
+def assign_split(conv: Conversion, rec: dict, prompt_key: str, test_fraction: float, seed: int) -> None:
+    """Route one record of a known user to train, test or unseen; count its pair for the user."""
+    user = conv.users[rec["user_id"]]
+    user["n_pairs"] = user.get("n_pairs", 0) + 1
+    if not user["seen"]:
+        conv.unseen.append(rec)
+    elif in_test(prompt_key, test_fraction, seed):
+        conv.test.append(rec)
+    else:
+        conv.train.append(rec)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_conversion(conv: Conversion, out_dir: str | Path) -> Path:
+    """Write the split files and ``users.json`` (each file atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "train.jsonl", conv.train)
+    write_jsonl(out / "test.jsonl", conv.test)
+    if conv.unseen or any(not u["seen"] for u in conv.users.values()):
+        write_jsonl(out / "unseen.jsonl", conv.unseen)
+    users = [{"user_id": uid, **info} for uid, info in conv.users.items()]
+    meta = {"source": conv.source, "options": conv.options, "summary": conv.summary_dict(), "users": users}
+    _atomic_write_text(out / "users.json", json.dumps(meta, indent=1, ensure_ascii=False))
+    return out
+
+
+def read_json_or_jsonl(path: Path) -> list[dict]:
+    """A JSON list or one JSON object per line; errors name the file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: record {i}: expected an object, got {type(row).__name__}")
+        return rows
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+        row["_line"] = lineno
+        rows.append(row)
+    return rows
+
+
+def load_hub_dataset(name: str, config: str | None, split: str):
+    """A hub data set through ``datasets`` (only when the hub is reachable)."""
+    try:
+        from datasets import load_dataset
+
+        return [dict(r) for r in load_dataset(name, config, split=split)]
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{name}: not a local file, and loading it from the Hugging Face hub failed "
+                        f"({type(err).__name__}: {str(err)[:200]}). Offline, pass a local file.") from None
+
+
+def where(path, i: int, row: dict) -> str:
+    line = row.get("_line")
+    return f"{path}: record {i}" + (f" (line {line})" if line else "")
+
+
+FORMATS = ("chat", "text")
+
+
+def instruction_pair(instruction: str, chosen: str, rejected: str, fmt: str = "chat") -> dict:
+    """An instruction and two answers as canonical fields: chat messages (``chat``, through the
+    tokenizer's chat template) or plain text ``"Instruction: ...\\nResponse:"`` + ``" " + answer``."""
+    if fmt == "chat":
+        return {"prompt": [{"role": "user", "content": instruction}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+    if fmt == "text":
+        return {"prompt": f"Instruction: {instruction}\nResponse:", "chosen": " " + chosen.strip(),
+                "rejected": " " + rejected.strip()}
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")

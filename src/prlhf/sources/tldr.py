@@ -1,0 +1,135 @@
+"""Reddit TL;DR comparisons (OpenAI summarize_from_feedback) -> per-worker preference pairs.
+
+Input: one JSON object a line (``info.post/title/subreddit`` or ``info.article/site``,
+``summaries[2].text/policy``, ``choice``, ``worker``), or the hub data set
+``openai/summarize_from_feedback`` (config ``comparisons``) when reachable.
+
+Labels:
+* ``human``: the worker's own ``choice``;
+* ``length``: the paper's conflicting-preference task (Li et al. 2024, Section 5.1). Workers are
+  assigned "prefers longer" or "prefers shorter" with a seed: within the seen users, and again
+  within the unseen users, a seeded shuffle gives round(long_share * n) of them "long" (so each
+  group has the stated share); ``chosen`` is then the longer (or shorter) summary, and pairs of
+  equal length (in words, or characters) are skipped and counted.
+
+The ``top_k`` most frequent workers are the seen users (ties broken by id); the others are
+unseen. Held-out pairs of seen users (``test``) are chosen by post, so no test post is trained on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+from ..data import DataError
+from .common import Conversion, assign_split, load_hub_dataset, read_json_or_jsonl, where
+
+HUB_NAME = "openai/summarize_from_feedback"
+
+
+def tldr_prompt(info: dict, max_prompt_chars: int | None = None) -> str:
+    """The paper's prompt: ``SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:``
+    (CNN/DM articles: ``TITLE: {title}\\nARTICLE: {article}\\nTL;DR:``); the post is cut at a
+    word boundary to ``max_prompt_chars``."""
+    body = info.get("post") if info.get("post") is not None else info.get("article")
+    body = (body or "").strip()
+    if max_prompt_chars is not None and len(body) > max_prompt_chars:
+        cut = body[:max_prompt_chars]
+        body = cut[: cut.rfind(" ")] if " " in cut else cut
+    if info.get("post") is not None:
+        return f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {body}\nTL;DR:"
+    return f"TITLE: {info.get('title', '')}\nARTICLE: {body}\nTL;DR:"
+
+
+def _length(text: str, unit: str) -> int:
+    return len(text.split()) if unit == "words" else len(text.strip())
+
+
+def _check(row: dict, w: str, label: str) -> None:
+    info = row.get("info")
+    if not isinstance(info, dict):
+        raise DataError(f"{w}: field 'info' is missing or not an object")
+    if not isinstance(info.get("post"), str) and not isinstance(info.get("article"), str):
+        raise DataError(f"{w}: field 'info.post' (or 'info.article') is missing")
+    summaries = row.get("summaries")
+    if not isinstance(summaries, list) or len(summaries) != 2:
+        raise DataError(f"{w}: field 'summaries' must be a list of 2 summaries")
+    for j, s in enumerate(summaries):
+        if not isinstance(s, dict) or not isinstance(s.get("text"), str):
+            raise DataError(f"{w}: field 'summaries[{j}].text' is missing")
+    if not isinstance(row.get("worker"), str) or not row["worker"]:
+        raise DataError(f"{w}: field 'worker' is missing")
+    if label == "human" and row.get("choice") not in (0, 1):
+        raise DataError(f"{w}: field 'choice' must be 0 or 1, got {row.get('choice')!r}")
+
+
+def _is_supervised(policy: str | None) -> bool:
+    return policy is not None and "sup" in policy and "ppo" not in policy
+
+
+def convert_tldr(input: str, label: str = "human", long_share: float = 0.7, top_k: int | None = 10,
+                 sft_only: bool = False, max_prompt_chars: int | None = None, test_fraction: float = 0.1,
+                 seed: int = 0, length_unit: str = "words", hub_split: str = "validation") -> Conversion:
+    if label not in ("human", "length"):
+        raise ValueError(f"label must be 'human' or 'length', got {label!r}")
+    if length_unit not in ("words", "chars"):
+        raise ValueError(f"length_unit must be 'words' or 'chars', got {length_unit!r}")
+    path = Path(input)
+    rows = read_json_or_jsonl(path) if path.exists() else load_hub_dataset(input, "comparisons", hub_split)
+    conv = Conversion("tldr", read=len(rows), options=dict(
+        label=label, long_share=long_share, top_k=top_k, sft_only=sft_only, max_prompt_chars=max_prompt_chars,
+        test_fraction=test_fraction, seed=seed, length_unit=length_unit))
+
+    kept = []
+    for i, row in enumerate(rows):
+        w = where(input, i, row)
+        _check(row, w, label)
+        a, b = row["summaries"]
+        if sft_only and not (_is_supervised(a.get("policy")) and _is_supervised(b.get("policy"))):
+            conv.skip("not both supervised policies (--sft-only)")
+            continue
+        if a["text"].strip() == b["text"].strip():
+            conv.skip("identical summaries")
+            continue
+        if label == "length" and _length(a["text"], length_unit) == _length(b["text"], length_unit):
+            conv.skip(f"equal-length summaries ({length_unit})")
+            continue
+        kept.append(row)
+
+    counts = Counter(r["worker"] for r in kept)
+    ranked = sorted(counts, key=lambda u: (-counts[u], u))
+    seen = set(ranked if not top_k else ranked[:top_k])
+    for u in ranked:
+        conv.users[u] = {"seen": u in seen, "n_pairs": 0}
+    if label == "length":
+        majority = "long" if long_share >= 0.5 else "short"
+        for group in (sorted(seen), sorted(set(ranked) - seen)):
+            order = list(group)
+            random.Random(seed).shuffle(order)
+            n_long = round(long_share * len(order))
+            for k, u in enumerate(order):
+                pref = "long" if k < n_long else "short"
+                conv.users[u].update(preference=pref, group="majority" if pref == majority else "minority")
+
+    for row in kept:
+        a, b = row["summaries"]
+        user = row["worker"]
+        if label == "human":
+            win = row["choice"]
+        else:
+            longer = 0 if _length(a["text"], length_unit) > _length(b["text"], length_unit) else 1
+            win = longer if conv.users[user]["preference"] == "long" else 1 - longer
+        chosen, rejected = row["summaries"][win], row["summaries"][1 - win]
+        rec = {
+            "user_id": user,
+            "prompt": tldr_prompt(row["info"], max_prompt_chars),
+            "chosen": chosen["text"],
+            "rejected": rejected["text"],
+            "user_text": None,
+            "post_id": row["info"].get("id"),
+            "policies": [chosen.get("policy"), rejected.get("policy")],
+            "worker_choice_agrees": (win == row.get("choice")) if row.get("choice") in (0, 1) else None,
+        }
+        assign_split(conv, rec, str(row["info"].get("id") or rec["prompt"]), test_fraction, seed)
+    return conv
