@@ -1,5 +1,6 @@
 """The ``prlhf`` command: a thin shell over the Python API.
 
+    prlhf demo [--output DIR]                               the paper's finding, offline, in minutes
     prlhf train --config recipe.yaml [--field value ...]   P-DPO (flags override YAML keys)
     prlhf sft   --config recipe.yaml [--field value ...]   SFT: prompt -> chosen, builds pi_SFT
     prlhf eval  --model DIR --data FILE --output metrics.json
@@ -314,7 +315,19 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data}
+def cmd_demo(argv: list[str]) -> int:
+    from .demo import main_demo
+
+    p = argparse.ArgumentParser(prog="prlhf demo", description="P-DPO vs vanilla DPO on synthetic conflicting "
+                                "preferences, tiny model, offline, a few minutes on 2 CPU cores.")
+    p.add_argument("--output", default="outputs/demo", help="folder for data, models, report.md, report.json, plots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablations", action="store_true", help="also T_u = 1 and alpha = 1 (the paper's ablations)")
+    a = p.parse_args(argv)
+    return main_demo(a.output, a.seed, a.ablations)
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,10 +77,16 @@ class PDPOConfig(PrlhfArguments):
                         "token embeddings, as the authors' code; 'random': small Gaussian).")
     max_user_text_tokens: int = _f(128, "Explicit user model: tokens of the user's text kept (0 disables it).")
     user_learning_rate: float | None = _f(None, "Learning rate of the user model (default: learning_rate).")
+    user_id_in_prompt: bool = _f(False, "Baseline: write the user id into the prompt text (user_id_prompt) "
+                                 "instead of, or besides, a user model; what people do with TRL today.")
+    user_id_prompt: str = _f("[user: {user_id}]\n", "Template of the user id written into the prompt.")
     alpha: float = _f(0.5, "Weight of the user-specific term; 1 - alpha weighs the generic-user term that teaches e_0.")
     beta: float = _f(0.1, "DPO temperature beta: strength of the KL constraint to the reference.")
     loss_type: str = _f("sigmoid", f"Preference loss: one of {LOSS_TYPES}.")
     label_smoothing: float = _f(0.0, "Conservative-DPO label smoothing (sigmoid loss only).")
+    sft_weight: float = _f(0.0, "Weight of the chosen response's mean token NLL added to each term (RPO; TRL's "
+                           "loss_type=['sigmoid', 'sft']). Keeps chosen responses likely, so generations follow the "
+                           "learned preference; 0 is plain P-DPO.")
     reference_model_name_or_path: str | None = _f(None, "pi_SFT, the reference: default model_name_or_path "
                                                   "(with LoRA: the base with adapters disabled).")
     log_per_user_max: int = _f(20, "Log per-user training accuracy when there are at most this many users.")

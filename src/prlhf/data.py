@@ -179,6 +179,18 @@ class TokenizeSettings:
     max_prompt_length: int | None = 512  # prompt tokens (BOS included); longer prompts keep their end
     max_user_text_tokens: int = 128
     n_user_tokens: int = 0  # implicit slots (0 when there is no implicit user model)
+    user_id_prompt: str | None = None  # baseline: the user id written into the prompt with this template
+
+
+def with_user_id(prompt: str | list[dict], user_id: str | None, template: str | None):
+    """The "user id in the prompt text" baseline (what people do with TRL today): ``template``
+    (e.g. ``"[user: {user_id}]\n"``) before a text prompt, or as a system message of a chat."""
+    if not template:
+        return prompt
+    tag = template.format(user_id=user_id if user_id is not None else "unknown")
+    if _is_messages(prompt):
+        return [{"role": "system", "content": tag.strip()}] + list(prompt)
+    return tag + prompt
 
 
 def _truncate_prompt(prompt_ids: list[int], keep: int, bos_id: int | None) -> list[int]:
@@ -191,8 +203,9 @@ def _truncate_prompt(prompt_ids: list[int], keep: int, bos_id: int | None) -> li
 
 def tokenize_pair(rec: dict, tokenizer, settings: TokenizeSettings, user_row: int) -> dict | None:
     """Token ids of one preference record; ``None`` when truncation leaves no response token."""
-    prompt_ids, chosen_ids = tokenize_response(tokenizer, rec["prompt"], rec["chosen"])
-    prompt_r, rejected_ids = tokenize_response(tokenizer, rec["prompt"], rec["rejected"])
+    prompt = with_user_id(rec["prompt"], rec.get("user_id"), settings.user_id_prompt)
+    prompt_ids, chosen_ids = tokenize_response(tokenizer, prompt, rec["chosen"])
+    prompt_r, rejected_ids = tokenize_response(tokenizer, prompt, rec["rejected"])
     n = min(len(prompt_ids), len(prompt_r))  # a common prompt for both responses
     chosen_ids = prompt_ids[n:] + chosen_ids
     rejected_ids = prompt_r[n:] + rejected_ids

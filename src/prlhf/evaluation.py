@@ -2,20 +2,33 @@
 
 A pair counts as correct when the implicit reward r(y) = beta * log(pi_P(y|x,u) / pi_SFT(y|x)) of
 the chosen response exceeds the rejected one's (beta > 0 does not change the sign, so accuracy
-does not depend on it). Groups:
+does not depend on it); an exact tie (e.g. the SFT model scored against itself) counts as half a
+pair, a coin flip. Groups:
 
 * ``seen``: pairs of users known to the model, each scored with the user's own embedding;
 * ``generic``: the same pairs scored with the generic user e_0;
 * ``unseen``: pairs of users absent from training, scored with the generic user;
 * ``overall``: every pair scored as a deployed model would (own embedding, else generic);
 * ``per_user``: ``overall`` per user id (pairs without a user id under ``"<none>"``).
+
+Each accuracy also comes with a bootstrap confidence interval (``ci``): per-sample means resample
+pairs; per-user means (``per_user_mean``: every user weighs the same) resample users.
+
+Generation evaluation (``evaluate_generation``) generates for held-out prompts of each user with
+the user's embedding (users absent from training with the generic one) and measures response
+lengths per user group (as ``users.json`` records them, e.g. majority / minority / unseen).
 """
 
 from __future__ import annotations
 
+import json
+import random
+import statistics
+from pathlib import Path
+
 import torch
 
-from .data import PreferenceCollator, TokenizeSettings, tokenize_dataset
+from .data import PreferenceCollator, tokenize_dataset
 from .losses import sequence_logps
 from .modeling import PersonalizedLM
 from .users import GENERIC_ROW
@@ -25,6 +38,29 @@ NO_USER = "<none>"
 
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
+
+
+def score(margin: float) -> float:
+    """1 when the chosen response wins, 0 when it loses, 0.5 on an exact tie."""
+    return 1.0 if margin > 0 else 0.0 if margin < 0 else 0.5
+
+
+def bootstrap_ci(values: list[float], n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval of the mean of ``values``."""
+    if not values:
+        return None
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    lo = means[int((1 - level) / 2 * n_boot)]
+    hi = means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return [lo, hi]
+
+
+def per_user_mean(groups: dict[str, list[float]], n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """The mean over users of each user's mean, with an interval from resampling users."""
+    user_means = [sum(v) / len(v) for v in groups.values() if v]
+    return {"mean": _mean(user_means), "ci": bootstrap_ci(user_means, n_boot, level, seed), "n_users": len(user_means)}
 
 
 @torch.no_grad()
@@ -60,7 +96,7 @@ def evaluate_accuracy(model: PersonalizedLM, records: list[dict], reference=None
     ``reference`` is pi_SFT (a causal LM), or None for a LoRA model (its base, adapters disabled).
     """
     model.eval()
-    settings = TokenizeSettings(max_length, max_prompt_length, model.prlhf_config.max_user_text_tokens, model.n_implicit_tokens)
+    settings = model.tokenize_settings(max_length, max_prompt_length)
     examples = tokenize_dataset(records, model.tokenizer, settings, model.registry)
     own_rows = [ex["user_row"] for ex in examples]
     ref_cache: dict = {}
@@ -72,27 +108,31 @@ def evaluate_accuracy(model: PersonalizedLM, records: list[dict], reference=None
                                        batch_size, ref_cache)
     else:  # the generic user's scores equal the users' own
         generic_margins = [own[i] for i in seen_idx]
-    correct = [m > 0 for m in own]
+    correct = [score(m) for m in own]
+    generic_correct = [score(m) for m in generic_margins]
     seen_set = set(seen_idx)
     unseen_idx = [i for i, ex in enumerate(examples) if ex["user_id"] is not None and i not in seen_set]
     per_user: dict[str, list[float]] = {}
     for i, ex in enumerate(examples):
-        per_user.setdefault(ex["user_id"] if ex["user_id"] is not None else NO_USER, []).append(float(correct[i]))
+        per_user.setdefault(ex["user_id"] if ex["user_id"] is not None else NO_USER, []).append(correct[i])
     pairs = [
         {"index": ex["index"], "user_id": ex["user_id"], "seen": i in seen_set, "margin": own[i], "correct": correct[i]}
         for i, ex in enumerate(examples)
     ]
     for j, i in enumerate(seen_idx):
         pairs[i]["generic_margin"] = generic_margins[j]
+    samples = {"overall": correct, "seen": [correct[i] for i in seen_idx], "generic": generic_correct,
+               "unseen": [correct[i] for i in unseen_idx]}
+    by_user = lambda idx: {u: v for u, v in per_user.items() if u != NO_USER and any(examples[i]["user_id"] == u for i in idx)}  # noqa: E731
+    seen_users, unseen_users = by_user(seen_idx), by_user(unseen_idx)
     return {
         "n_pairs": len(examples),
         "n_skipped": len(records) - len(examples),
         "accuracy": {
-            "overall": _mean([float(c) for c in correct]),
-            "seen": _mean([float(correct[i]) for i in seen_idx]),
-            "generic": _mean([float(m > 0) for m in generic_margins]),
-            "unseen": _mean([float(correct[i]) for i in unseen_idx]),
+            **{k: _mean(v) for k, v in samples.items()},
             "per_user": {u: _mean(v) for u, v in per_user.items()},
+            "ci": {k: bootstrap_ci(v) for k, v in samples.items()},
+            "per_user_mean": {"seen": per_user_mean(seen_users), "unseen": per_user_mean(unseen_users)},
         },
         "n": {"seen": len(seen_idx), "unseen": len(unseen_idx)},
         "pairs": pairs,
@@ -111,3 +151,63 @@ def load_reference(model: PersonalizedLM, reference: str | None = None, trust_re
         raise ValueError("this model records no reference model: pass --reference PATH (the SFT model)")
     ref, _ = load_model_and_tokenizer(path, trust_remote_code=trust_remote_code)
     return ref.to(model.device).eval()
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+
+def load_user_groups(users_json: str | Path | None) -> dict[str, str]:
+    """User id -> group from a converter's ``users.json`` (``group``, else ``preference``)."""
+    if users_json is None:
+        return {}
+    data = json.loads(Path(users_json).read_text())
+    users = data["users"] if isinstance(data, dict) and "users" in data else data
+    return {str(u["user_id"]): str(u.get("group") or u.get("preference") or "all") for u in users}
+
+
+def group_of(user_id: str | None, model: PersonalizedLM, groups: dict[str, str]) -> str:
+    """Users absent from training are ``unseen`` (served by the generic user); others their group."""
+    if user_id is None or user_id not in model.registry:
+        return "unseen"
+    return groups.get(user_id, "seen")
+
+
+def held_out_prompts(records: list[dict], n_per_user: int, seed: int = 0) -> list[tuple[str | None, object, str | None]]:
+    """Up to ``n_per_user`` distinct prompts per user: (user_id, prompt, user_text)."""
+    by_user: dict = {}
+    for rec in records:
+        by_user.setdefault(rec.get("user_id"), {}).setdefault(json.dumps(rec["prompt"], sort_keys=True), rec)
+    out = []
+    rng = random.Random(seed)
+    for uid in sorted(by_user, key=lambda u: (u is None, str(u))):
+        recs = list(by_user[uid].values())
+        rng.shuffle(recs)
+        out += [(uid, r["prompt"], r.get("user_text")) for r in recs[:n_per_user]]
+    return out
+
+
+def evaluate_generation(model: PersonalizedLM, records: list[dict], n_per_user: int = 4, groups: dict | None = None,
+                        batch_size: int = 8, max_new_tokens: int = 64, seed: int = 0, progress=None,
+                        **generate_kwargs) -> dict:
+    """Generate for held-out prompts of each user; mean response length (words) per user group."""
+    groups = groups or {}
+    items = held_out_prompts(records, n_per_user, seed)
+    generations = []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        texts = model.generate([p for _, p, _ in chunk], [u for u, _, _ in chunk], [t for _, _, t in chunk],
+                               max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+        for (uid, prompt, _), text in zip(chunk, texts):
+            generations.append({"user_id": uid, "group": group_of(uid, model, groups), "prompt": prompt,
+                                "response": text, "n_words": len(text.split())})
+        if progress:
+            progress(min(s + batch_size, len(items)), len(items))
+    by_group: dict[str, list[int]] = {}
+    for g in generations:
+        by_group.setdefault(g["group"], []).append(g["n_words"])
+    return {
+        "length": {k: statistics.fmean(v) for k, v in sorted(by_group.items())},
+        "length_ci": {k: bootstrap_ci([float(x) for x in v]) for k, v in sorted(by_group.items())},
+        "n_generations": {k: len(v) for k, v in sorted(by_group.items())},
+        "generations": generations,
+    }

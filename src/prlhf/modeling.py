@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import build_sequence, collate_sequences, tokenize_prompt
+from .data import build_sequence, collate_sequences, tokenize_prompt, with_user_id
 from .losses import sequence_logps
 from .models import load_model_and_tokenizer
 from .user_models import ImplicitUserModel, build_user_model, encode_user_text
@@ -52,6 +52,7 @@ class PersonalizationConfig:
     max_user_text_tokens: int = 128
     use_lora: bool = False
     reference_model_name_or_path: str | None = None  # pi_SFT; None with LoRA: the base, adapters disabled
+    user_id_prompt: str | None = None  # baseline: user id written into the prompt (see data.with_user_id)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -182,6 +183,14 @@ class PersonalizedLM(nn.Module):
             logits = reference(input_ids=batch["input_ids"], **kwargs).logits
         return sequence_logps(logits, batch["labels"])
 
+    def tokenize_settings(self, max_length: int | None, max_prompt_length: int | None):
+        """How this model's training and evaluation data are tokenized."""
+        from .data import TokenizeSettings
+
+        cfg = self.prlhf_config
+        return TokenizeSettings(max_length, max_prompt_length, cfg.max_user_text_tokens, self.n_implicit_tokens,
+                                cfg.user_id_prompt)
+
     # -- generation ---------------------------------------------------------------------------
 
     def user_rows_for(self, user_ids) -> torch.Tensor:
@@ -198,7 +207,8 @@ class PersonalizedLM(nn.Module):
             if not text and uid is not None:
                 text = self.registry.user_texts.get(str(uid))
             text_ids = encode_user_text(tok, text, cfg.max_user_text_tokens)
-            seqs.append(build_sequence(tokenize_prompt(tok, prompt), [], text_ids, self.n_implicit_tokens, tok.bos_token_id, tok.pad_token_id))
+            prompt_ids = tokenize_prompt(tok, with_user_id(prompt, uid, cfg.user_id_prompt))
+            seqs.append(build_sequence(prompt_ids, [], text_ids, self.n_implicit_tokens, tok.bos_token_id, tok.pad_token_id))
         batch = {k: v.to(self.device) for k, v in collate_sequences(seqs, tok.pad_token_id, "left").items()}
         batch["user_rows"] = self.user_rows_for(user_ids)
         return batch

@@ -55,6 +55,15 @@ time day week month year today tomorrow yesterday morning night home house famil
 because however therefore although while after before during until since about into over
 explain describe write tell give make take get go come see know think want need like
 science history music art food travel health sport game book movie story idea plan
+tell me about the answer river mountain forest ocean desert city garden library market castle island village
+bridge museum school farm harbor valley lake park train bicycle kitchen festival storm winter summer robot
+violin telescope quiet busy old bright cold warm green large small famous calm beautiful strange friendly
+ancient modern wide narrow peaceful lively people children birds trees visitors workers families artists
+animals boats visit enjoy watch love remember explore study paint describe protect in the morning at night
+in the spring every day after the rain during the holidays because it is many happy to help great question
+oh i love this one hope this helps have a lovely day enjoy number
+The Many Tell Happy Great Oh Hope Have Enjoy Answer Q A SUBREDDIT TITLE POST TL;DR Instruction Response
+Tell Answer The Many Happy Great Oh Hope Have Enjoy
 """ * 4
 
 

@@ -56,6 +56,7 @@ def personalization_config(args: PDPOConfig) -> PersonalizationConfig:
         user_init=args.user_init,
         max_user_text_tokens=args.max_user_text_tokens,
         use_lora=args.use_lora,
+        user_id_prompt=args.user_id_prompt if args.user_id_in_prompt else None,
         seed=args.seed,
     )
 
@@ -82,7 +83,9 @@ class PDPOTrainer(_ResumableTrainer):
 
     Per pair (x, y_w, y_l, u): L = alpha * l(Delta_P) + (1 - alpha) * l(Delta_P0), where l is the
     preference loss (``loss_type``), Delta_P uses the user's embedding and Delta_P0 the generic
-    user's (explicit user text kept). The unused term's forward pass is skipped when alpha is 1
+    user's (explicit user text kept). With ``sft_weight`` = lambda > 0, each term adds lambda times
+    the mean token NLL of the chosen response under that term's user (RPO; TRL's
+    ``loss_type=["sigmoid", "sft"]``), which keeps the chosen responses likely. The unused term's forward pass is skipped when alpha is 1
     or 0, and when the user model cannot tell users apart (``none``, ``uniform``), where both
     terms are equal.
     """
@@ -99,19 +102,19 @@ class PDPOTrainer(_ResumableTrainer):
                 lora_kwargs=args.lora_kwargs(), trust_remote_code=args.trust_remote_code,
             )
         tokenizer = processing_class or model.tokenizer
-        settings = TokenizeSettings(args.max_length, args.max_prompt_length, model.prlhf_config.max_user_text_tokens,
-                                    model.n_implicit_tokens)
+        settings = model.tokenize_settings(args.max_length, args.max_prompt_length)
         train = tokenize_dataset(train_records, tokenizer, settings, model.registry, args.train_file or "train_dataset")
         evals = tokenize_dataset(eval_records, tokenizer, settings, model.registry, args.eval_file or "eval_dataset") if eval_records else None
 
+        ref_path = args.reference_model_name_or_path
         if reference_model is None and not model.is_lora:
-            ref_path = args.reference_model_name_or_path
             if ref_path is None:  # the policy's starting point is pi_SFT
                 reference_model = copy.deepcopy(model.llm)
                 model.prlhf_config.reference_model_name_or_path = model.prlhf_config.base_model_name_or_path
             else:
                 reference_model, _ = load_model_and_tokenizer(ref_path, trust_remote_code=args.trust_remote_code)
-                model.prlhf_config.reference_model_name_or_path = _portable_path(ref_path)
+        if ref_path is not None:  # recorded for `prlhf eval`
+            model.prlhf_config.reference_model_name_or_path = _portable_path(ref_path)
         collator = PreferenceCollator(tokenizer.pad_token_id, tokenizer.bos_token_id, model.n_implicit_tokens, args.padding_side)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evals,
                          processing_class=tokenizer, **kwargs)
@@ -148,10 +151,15 @@ class PDPOTrainer(_ResumableTrainer):
         ref = pm.reference_logps(batch, self.reference_model)  # (2B,)
 
         out, metrics = {}, {}
+        n_chosen = (batch["labels"][:B, 1:] != -100).sum(-1).clamp(min=1)  # response tokens of chosen (B,)
         for k, (name, _) in enumerate(terms):
             lp = logps[k * 2 * B:(k + 1) * 2 * B]
             losses, chosen_r, rejected_r = preference_loss(lp[:B], lp[B:], ref[:B], ref[B:], self.args.beta,
                                                            self.args.loss_type, self.args.label_smoothing)
+            if self.args.sft_weight:
+                nll = -lp[:B] / n_chosen  # mean token NLL of the chosen response (B,)
+                losses = losses + self.args.sft_weight * nll
+                metrics[f"nll/{name}"] = nll.detach().mean().item()
             out[name] = (losses, chosen_r, rejected_r, lp[:B].detach(), lp[B:].detach())
         if need_user and need_generic:
             loss = personalized_loss(out["user"][0], out["generic"][0], self.args.alpha).mean()

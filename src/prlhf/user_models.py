@@ -96,7 +96,7 @@ class ClusterUserModel(ImplicitUserModel):
 
     ``weighting`` says how the weights are normalised:
     * ``softmax`` (default): w_u = softmax(logits_u), a convex mixture (each user a point in the
-      simplex spanned by the clusters); logits start near 0, i.e. an even mix;
+      simplex spanned by the clusters); logits start as N(0, 1) draws, distinct random mixtures;
     * ``linear``: w_u = logits_u, unnormalised: the plain low-rank factorisation of the
       (n_rows x T_u d) user-embedding table, as rank K.
     """
@@ -111,10 +111,11 @@ class ClusterUserModel(ImplicitUserModel):
         g = generator or torch.Generator().manual_seed(0)
         self.n_clusters, self.weighting = n_clusters, weighting
         self.clusters = nn.Parameter(_init_vectors((n_clusters, n_tokens, hidden_size), init, token_embeddings, g))  # (K, T_u, d)
+        # users start at distinct random mixtures (an even mix would give every cluster the same gradient)
         if weighting == "softmax":
-            logits = 0.01 * torch.randn(n_rows, n_clusters, generator=g)
+            logits = torch.randn(n_rows, n_clusters, generator=g)
         else:
-            logits = torch.full((n_rows, n_clusters), 1.0 / n_clusters) + 0.01 * torch.randn(n_rows, n_clusters, generator=g)
+            logits = torch.full((n_rows, n_clusters), 1.0 / n_clusters) + 0.1 * torch.randn(n_rows, n_clusters, generator=g)
         self.user_logits = nn.Parameter(logits)  # (n_rows, K)
 
     def weights(self, user_rows: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Synthetic conflicting preferences: the embedded default data, no download needed.
 
-Prompts ask about a topic; each has candidate responses that differ in one attribute:
+Prompts ask about a topic; each has a few candidate pairs (``variants_per_prompt``), shared by all
+users, whose responses differ in one attribute:
 
 * ``length`` (the paper's TL;DR setting): a short answer (4-7 words) vs a long one (25-40 words);
 * ``tone`` (optional): a friendly answer (a warm opening and closing) vs a plain one.
@@ -60,7 +61,7 @@ def make_candidates(rng: random.Random, topic: str, attribute: str) -> tuple[str
 
 def synthesize(n_users: int = 20, unseen_users: int = 4, majority_share: float = 0.7, n_prompts: int = 150,
                pairs_per_user: int = 40, attributes=("length",), test_fraction: float = 0.2, seed: int = 0,
-               fmt: str = "text") -> Conversion:
+               fmt: str = "text", variants_per_prompt: int = 3) -> Conversion:
     """Users with conflicting preferences over shared prompts; see the module docstring."""
     for a in attributes:
         if a not in ATTRIBUTES:
@@ -70,12 +71,14 @@ def synthesize(n_users: int = 20, unseen_users: int = 4, majority_share: float =
     rng = random.Random(seed)
     conv = Conversion("synthetic", options=dict(
         n_users=n_users, unseen_users=unseen_users, majority_share=majority_share, n_prompts=n_prompts,
-        pairs_per_user=pairs_per_user, attributes=list(attributes), test_fraction=test_fraction, seed=seed))
+        pairs_per_user=pairs_per_user, attributes=list(attributes), test_fraction=test_fraction, seed=seed,
+        variants_per_prompt=variants_per_prompt))
     prompts = [f"Tell me about the {TOPICS[i % len(TOPICS)]}" + ("." if i < len(TOPICS) else f" number {i // len(TOPICS) + 1}.")
                for i in range(n_prompts)]
     topic_of = {p: TOPICS[i % len(TOPICS)] for i, p in enumerate(prompts)}
     # candidate pairs per prompt and attribute, shared by all users (so their labels can be compared)
-    candidates = {(p, a): make_candidates(rng, topic_of[p], a) for p in prompts for a in attributes}
+    candidates = {(p, a): [make_candidates(rng, topic_of[p], a) for _ in range(variants_per_prompt)]
+                  for p in prompts for a in attributes}
     users = [(f"user_{i:03d}", True) for i in range(n_users)] + [(f"unseen_{i:03d}", False) for i in range(unseen_users)]
     for group_seen in (True, False):  # exact shares within seen and within unseen users
         ids = [u for u, s in users if s == group_seen]
@@ -94,7 +97,7 @@ def synthesize(n_users: int = 20, unseen_users: int = 4, majority_share: float =
         prefs = conv.users[u]["preferences"]
         for p in rng.sample(prompts, min(pairs_per_user, len(prompts))):
             a = rng.choice(list(attributes))
-            major, minor = candidates[(p, a)]
+            major, minor = rng.choice(candidates[(p, a)])
             chosen, rejected = (major, minor) if prefs[a] == ATTRIBUTES[a][0] else (minor, major)
             rec = {"user_id": u, "prompt": p + "\nAnswer:", "chosen": " " + chosen, "rejected": " " + rejected,
                    "user_text": None, "attribute": a}

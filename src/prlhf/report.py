@@ -1,0 +1,106 @@
+"""Reports that compare models: a markdown table, JSON, and PNG plots (length distribution per
+user group, accuracy per user)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ACCURACY_KEYS = ("seen", "generic", "unseen")
+
+
+def _f(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def comparison_table(methods: dict[str, dict]) -> str:
+    """One row per method: accuracy (seen / generic / unseen, with 95% CIs) and mean generated
+    words per user group."""
+    groups = sorted({g for m in methods.values() for g in m.get("length", {})},
+                    key=lambda g: ({"majority": 0, "minority": 1, "unseen": 3}.get(g, 2), g))
+    head = ["method"] + [f"acc {k}" for k in ACCURACY_KEYS] + [f"words {g}" for g in groups]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        acc, ci = m.get("accuracy", {}), m.get("accuracy_ci", {})
+        cells = [name] + [_f(acc.get(k)) + _ci(ci.get(k)) for k in ACCURACY_KEYS]
+        cells += [_f(m.get("length", {}).get(g), 1) for g in groups]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_lengths(generations: dict[str, list[dict]], path: Path) -> Path:
+    """Box plots of generated response length (words) per user group, one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(generations)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        by_group: dict[str, list[int]] = {}
+        for g in generations[name]:
+            by_group.setdefault(g["group"], []).append(g["n_words"])
+        order = sorted(by_group, key=lambda g: ({"majority": 0, "minority": 1, "unseen": 3}.get(g, 2), g))
+        if order:
+            ax.boxplot([by_group[g] for g in order], tick_labels=order)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0][0].set_ylabel("words in generated response")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_per_user(per_user: dict[str, dict[str, float]], groups: dict[str, str], path: Path) -> Path:
+    """Implicit-reward accuracy of each user (grouped bars, one colour per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    users = sorted({u for acc in per_user.values() for u in acc},
+                   key=lambda u: ({"majority": 0, "minority": 1}.get(groups.get(u, ""), 2), u))
+    width = 0.8 / max(1, len(per_user))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(users) * max(1, len(per_user)) / 2), 3.4))
+    for k, (name, acc) in enumerate(per_user.items()):
+        xs = [i + k * width for i in range(len(users))]
+        ax.bar(xs, [acc.get(u, 0) or 0 for u in users], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(users))])
+    ax.set_xticklabels([f"{u} ({groups.get(u, '?')[:3]})" for u in users], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.axhline(0.5, color="grey", lw=0.5, ls="--")
+    ax.legend(fontsize=7, ncol=min(4, len(per_user)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: str | Path, report: dict, generations: dict[str, list[dict]] | None = None,
+                 per_user: dict[str, dict[str, float]] | None = None, groups: dict[str, str] | None = None,
+                 title: str = "prlhf report", preamble: str = "") -> dict[str, Path]:
+    """``report.json``, ``report.md`` and the plots; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md"}
+    paths["json"].write_text(json.dumps(report, indent=1))
+    md = [f"# {title}", "", preamble, "", comparison_table(report["methods"]), ""]
+    if generations:
+        paths["lengths"] = plot_lengths(generations, out / "lengths.png")
+        md += ["![generated length per user group](lengths.png)", ""]
+        with (out / "generations.jsonl").open("w") as f:
+            for name, gens in generations.items():
+                for g in gens:
+                    f.write(json.dumps({"method": name, **g}, ensure_ascii=False) + "\n")
+    if per_user:
+        paths["accuracy"] = plot_accuracy_per_user(per_user, groups or {}, out / "accuracy_per_user.png")
+        md += ["![accuracy per user](accuracy_per_user.png)", ""]
+    paths["md"].write_text("\n".join(md))
+    return paths
