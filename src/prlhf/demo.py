@@ -39,7 +39,8 @@ METHODS = {
     "pdpo_cluster": dict(user_model="cluster", n_clusters=4),
 }
 # P-DPO settings shared by every method of the demo
-DEMO_TRAINING = dict(num_train_epochs=4, learning_rate=2e-4, user_learning_rate=1e-2, beta=0.1, alpha=0.5, n_user_tokens=4)
+DEMO_TRAINING = dict(num_train_epochs=6, learning_rate=6e-4, user_learning_rate=3e-2, beta=0.1, alpha=0.5,
+                     n_user_tokens=4, sft_weight=0.1)
 ABLATIONS = {
     "pdpo_individual_tu1": dict(user_model="individual", n_user_tokens=1),
     "pdpo_individual_alpha1": dict(user_model="individual", alpha=1.0),
@@ -58,8 +59,8 @@ def majority_share(records: list[dict]) -> float:
 
 
 def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool = False, n_users: int = 20,
-             unseen_users: int = 6, pairs_per_user: int = 30, generate_per_user: int = 4,
-             methods: list[str] | None = None, sft_epochs: float = 6, n_prompts: int = 200, **train_overrides) -> dict:
+             unseen_users: int = 6, pairs_per_user: int = 40, generate_per_user: int = 4,
+             methods: list[str] | None = None, sft_epochs: float = 6, n_prompts: int = 400, **train_overrides) -> dict:
     """Run the demo; ``train_overrides`` change the P-DPO settings of every method (see ``DEMO_TRAINING``)."""
     start = time.time()
     out = Path(output)
