@@ -121,37 +121,63 @@ def _fmt(x) -> str:
 
 def cmd_eval(argv: list[str]) -> int:
     from .data import load_preference_data
-    from .evaluation import evaluate_accuracy, load_reference
+    from .evaluation import evaluate_accuracy, evaluate_generation, load_reference, load_user_groups
     from .modeling import PersonalizedLM
+    from .report import comparison_table, write_report
 
-    p = argparse.ArgumentParser(prog="prlhf eval", description="Implicit-reward accuracy of a personalized model.")
-    p.add_argument("--model", required=True, help="folder written by `prlhf train`")
-    p.add_argument("--data", required=True, help="preference pairs (JSONL) to score")
+    p = argparse.ArgumentParser(prog="prlhf eval", description="Implicit-reward accuracy (and generation lengths) "
+                                "of one or several personalized models.")
+    p.add_argument("--model", required=True, action="append", help="folder written by `prlhf train` (repeat to compare)")
+    p.add_argument("--data", required=True, nargs="+", help="preference pairs (JSONL) to score, e.g. test.jsonl unseen.jsonl")
     p.add_argument("--output", default=None, help="metrics.json to write")
     p.add_argument("--reference", default=None, help="pi_SFT (default: the one recorded at training time)")
+    p.add_argument("--users", default=None, help="users.json of the data (groups for generation lengths)")
+    p.add_argument("--generate", type=int, default=0, metavar="N", help="generate for N held-out prompts per user")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--report", default=None, help="folder for report.md, report.json, plots and generations.jsonl")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--max-prompt-length", type=int, default=512)
     p.add_argument("--per-pair", action="store_true", help="also write each pair's margin into metrics.json")
     a = p.parse_args(argv)
-    model = PersonalizedLM.from_pretrained(a.model)
-    reference = load_reference(model, a.reference)
-    records = load_preference_data(a.data)
-    metrics = evaluate_accuracy(model, records, reference, a.batch_size, a.max_length, a.max_prompt_length)
-    pairs = metrics.pop("pairs")
-    if a.per_pair:
-        metrics["pairs"] = pairs
-    acc = metrics["accuracy"]
-    print(f"pairs: {metrics['n_pairs']} (seen {metrics['n']['seen']}, unseen {metrics['n']['unseen']})")
-    print("| overall | seen | generic | unseen |\n|---|---|---|---|")
-    print(f"| {_fmt(acc['overall'])} | {_fmt(acc['seen'])} | {_fmt(acc['generic'])} | {_fmt(acc['unseen'])} |")
-    print("\n| user | accuracy |\n|---|---|")
-    for uid, v in sorted(acc["per_user"].items()):
-        print(f"| {uid} | {_fmt(v)} |")
+    records = [r for path in a.data for r in load_preference_data(path)]
+    groups = load_user_groups(a.users)
+    all_metrics, methods, generations, per_user = {}, {}, {}, {}
+    for path in a.model:
+        name = Path(path).name if Path(path).name not in all_metrics else path
+        model = PersonalizedLM.from_pretrained(path)
+        reference = load_reference(model, a.reference)
+        metrics = evaluate_accuracy(model, records, reference, a.batch_size, a.max_length, a.max_prompt_length)
+        pairs = metrics.pop("pairs")
+        if a.per_pair:
+            metrics["pairs"] = pairs
+        if a.generate:
+            gen = evaluate_generation(model, records, a.generate, groups, a.batch_size, a.max_new_tokens,
+                                      progress=lambda i, n: logger.info("generated %d/%d", i, n))
+            generations[name] = gen.pop("generations")
+            metrics["generation"] = gen
+        acc = metrics["accuracy"]
+        methods[name] = {"accuracy": {k: acc[k] for k in ("seen", "generic", "unseen")},
+                         "accuracy_ci": {k: acc["ci"][k] for k in ("seen", "generic", "unseen")},
+                         "length": metrics.get("generation", {}).get("length", {})}
+        per_user[name] = acc["per_user"]
+        all_metrics[name] = metrics
+        print(f"{name}: pairs {metrics['n_pairs']} (seen {metrics['n']['seen']}, unseen {metrics['n']['unseen']})")
+        del model, reference
+    print("\n" + comparison_table(methods))
+    if len(a.model) == 1:
+        print("\n| user | accuracy |\n|---|---|")
+        for uid, v in sorted(next(iter(per_user.values())).items()):
+            print(f"| {uid} | {_fmt(v)} |")
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps(metrics, indent=1))
+        out = next(iter(all_metrics.values())) if len(a.model) == 1 else {"models": all_metrics}
+        Path(a.output).write_text(json.dumps(out, indent=1))
         print(f"\nwrote {a.output}")
+    if a.report:
+        write_report(a.report, {"methods": methods, "metrics": all_metrics}, generations or None, per_user, groups,
+                     title="prlhf eval", preamble=f"Data: {', '.join(a.data)}.")
+        print(f"wrote {a.report}/report.md")
     return 0
 
 

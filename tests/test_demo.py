@@ -1,0 +1,35 @@
+"""The demo pipeline end to end at toy size (the full demo runs in the README's first command), and
+`prlhf eval` comparing two saved models with generation and a report."""
+
+import json
+
+from prlhf.cli import main
+from prlhf.demo import check_findings, run_demo
+
+
+def test_demo_pipeline_writes_the_report_contract(tmp_path):
+    out = tmp_path / "demo"
+    report = run_demo(out, seed=0, n_users=4, unseen_users=2, pairs_per_user=8, n_prompts=20, generate_per_user=1,
+                      methods=["dpo", "pdpo_individual"], sft_epochs=1, num_train_epochs=1)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["runtime_seconds"] > 0 and 0 < saved["majority_share"] <= 1
+    assert set(saved["methods"]) == {"sft", "dpo", "pdpo_individual"}
+    for m in saved["methods"].values():
+        assert set(m["accuracy"]) >= {"seen", "generic", "unseen"}
+        assert set(m["length"]) >= {"majority", "unseen"}
+    assert saved["methods"]["sft"]["accuracy"]["seen"] == 0.5  # the reference against itself: all ties
+    for name in ("report.md", "lengths.png", "accuracy_per_user.png", "generations.jsonl"):
+        assert (out / name).is_file(), name
+    assert "| method |" in (out / "report.md").read_text()
+    assert set(check_findings(report)) >= {"dpo: seen accuracy within 0.10 of majority_share", "runtime <= 600 s"}
+
+    data = out / "data"
+    assert main(["eval", "--model", str(out / "dpo"), "--model", str(out / "pdpo_individual"),
+                 "--data", str(data / "test.jsonl"), str(data / "unseen.jsonl"), "--users", str(data / "users.json"),
+                 "--generate", "1", "--max-new-tokens", "8", "--report", str(tmp_path / "cmp"),
+                 "--output", str(tmp_path / "m.json")]) == 0
+    both = json.loads((tmp_path / "m.json").read_text())["models"]
+    assert set(both) == {"dpo", "pdpo_individual"}
+    assert both["pdpo_individual"]["accuracy"]["seen"] == saved["methods"]["pdpo_individual"]["accuracy"]["seen"]
+    assert set(both["dpo"]["generation"]["length"]) >= {"majority", "unseen"}
+    assert (tmp_path / "cmp" / "report.md").is_file() and (tmp_path / "cmp" / "lengths.png").is_file()

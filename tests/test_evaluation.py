@@ -1,0 +1,66 @@
+"""Evaluation arithmetic on hand-made inputs: scores, bootstrap intervals, per-user means, grouping."""
+
+import pytest
+
+from prlhf.evaluation import bootstrap_ci, group_of, held_out_prompts, per_user_mean, score
+from prlhf.report import comparison_table
+
+
+def test_score_counts_ties_as_half():
+    assert [score(1e-9), score(-2.0), score(0.0)] == [1.0, 0.0, 0.5]
+
+
+def test_bootstrap_ci_hand_cases():
+    assert bootstrap_ci([0.7] * 10) == [pytest.approx(0.7), pytest.approx(0.7)]  # no spread, no interval
+    assert bootstrap_ci([]) is None
+    values = [1.0] * 70 + [0.0] * 30
+    lo, hi = bootstrap_ci(values, n_boot=2000, seed=0)
+    # the mean 0.7 with standard error sqrt(0.21 / 100) = 0.046: a 95% interval of about +-0.09
+    assert 0.58 < lo < 0.65 and 0.75 < hi < 0.82
+    assert bootstrap_ci(values, seed=3) == bootstrap_ci(values, seed=3)  # seeded
+
+
+def test_per_user_mean_weighs_users_equally():
+    groups = {"a": [1.0] * 9 + [0.0], "b": [0.0, 0.0]}  # a: 0.9 over 10 pairs, b: 0.0 over 2
+    out = per_user_mean(groups)
+    assert out["mean"] == pytest.approx(0.45) and out["n_users"] == 2  # per sample it would be 0.75
+    lo, hi = out["ci"]
+    assert lo == pytest.approx(0.0) and hi == pytest.approx(0.9)  # resampling 2 users: 0, 0.45 or 0.9
+
+
+class _Registry:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __contains__(self, u):
+        return u in self.ids
+
+
+class _Model:
+    def __init__(self, ids):
+        self.registry = _Registry(ids)
+
+
+def test_grouping_of_users():
+    model, groups = _Model(["a", "b"]), {"a": "majority", "b": "minority", "z": "majority"}
+    assert group_of("a", model, groups) == "majority" and group_of("b", model, groups) == "minority"
+    assert group_of("z", model, groups) == "unseen"  # not trained on: served by the generic user
+    assert group_of(None, model, groups) == "unseen"
+
+
+def test_held_out_prompts_are_distinct_per_user():
+    recs = [{"user_id": "a", "prompt": p, "chosen": "x", "rejected": "y"} for p in ["p1", "p1", "p2", "p3"]]
+    recs += [{"user_id": "b", "prompt": "p1", "chosen": "x", "rejected": "y"}]
+    items = held_out_prompts(recs, n_per_user=2)
+    assert [u for u, _, _ in items] == ["a", "a", "b"]
+    assert len({p for u, p, _ in items if u == "a"}) == 2
+
+
+def test_comparison_table_lists_methods_and_groups():
+    table = comparison_table({"dpo": {"accuracy": {"seen": 0.7, "generic": 0.7, "unseen": None},
+                                      "accuracy_ci": {"seen": [0.6, 0.8]}, "length": {"majority": 30.0, "unseen": 29.0}},
+                              "pdpo": {"accuracy": {"seen": 1.0}, "length": {"minority": 4.0}}})
+    lines = table.splitlines()
+    assert lines[0] == "| method | acc seen | acc generic | acc unseen | words majority | words minority | words unseen |"
+    assert lines[2] == "| dpo | 0.700 [0.60, 0.80] | 0.700 | - | 30.0 | - | 29.0 |"
+    assert lines[3].startswith("| pdpo | 1.000 |")
