@@ -139,8 +139,19 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--max-prompt-length", type=int, default=512)
     p.add_argument("--per-pair", action="store_true", help="also write each pair's margin into metrics.json")
+    p.add_argument("--max-pairs-per-user", type=int, default=None, help="score at most the first N pairs of each user")
     a = p.parse_args(argv)
     records = [r for path in a.data for r in load_preference_data(path)]
+    if a.max_pairs_per_user is not None:
+        from collections import Counter
+
+        seen_per_user: Counter = Counter()
+        kept = []
+        for r in records:
+            seen_per_user[r["user_id"]] += 1
+            if seen_per_user[r["user_id"]] <= a.max_pairs_per_user:
+                kept.append(r)
+        records = kept
     groups = load_user_groups(a.users)
     all_metrics, methods, generations, per_user = {}, {}, {}, {}
     for path in a.model:

@@ -102,8 +102,12 @@ def evaluate_accuracy(model: PersonalizedLM, records: list[dict], reference=None
     ref_cache: dict = {}
     own = pair_margins(model, examples, own_rows, reference, batch_size, ref_cache)
     seen_idx = [i for i, ex in enumerate(examples) if ex["user_id"] in model.registry]
-    depends = model.user_model is not None and model.user_model.depends_on_user
-    if depends and seen_idx:
+    if model.prlhf_config.user_id_prompt and seen_idx:
+        # the id-in-prompt baseline: the generic user is the prompt with an unknown id
+        anonymous = [dict(records[examples[i]["index"]], user_id=None) for i in seen_idx]
+        generic_examples = tokenize_dataset(anonymous, model.tokenizer, settings, model.registry)
+        generic_margins = pair_margins(model, generic_examples, [GENERIC_ROW] * len(seen_idx), reference, batch_size)
+    elif model.user_model is not None and model.user_model.depends_on_user and seen_idx:
         generic_margins = pair_margins(model, [examples[i] for i in seen_idx], [GENERIC_ROW] * len(seen_idx), reference,
                                        batch_size, ref_cache)
     else:  # the generic user's scores equal the users' own
