@@ -41,8 +41,10 @@ METHODS = {
 # P-DPO settings shared by every method of the demo
 DEMO_TRAINING = dict(num_train_epochs=6, learning_rate=6e-4, user_learning_rate=3e-2, beta=0.1, alpha=0.5,
                      n_user_tokens=4, sft_weight=0.1)
+# the paper's ablations: T_u in {1, 10} and alpha = 1 (no generic term) next to the default alpha = 0.5
 ABLATIONS = {
     "pdpo_individual_tu1": dict(user_model="individual", n_user_tokens=1),
+    "pdpo_individual_tu10": dict(user_model="individual", n_user_tokens=10),
     "pdpo_individual_alpha1": dict(user_model="individual", alpha=1.0),
 }
 
