@@ -79,7 +79,8 @@ def synthesize(n_users: int = 20, unseen_users: int = 4, majority_share: float =
     # candidate pairs per prompt and attribute, shared by all users (so their labels can be compared)
     candidates = {(p, a): [make_candidates(rng, topic_of[p], a) for _ in range(variants_per_prompt)]
                   for p in prompts for a in attributes}
-    users = [(f"user_{i:03d}", True) for i in range(n_users)] + [(f"unseen_{i:03d}", False) for i in range(unseen_users)]
+    # one naming scheme for everybody: the ids do not tell who is unseen (users n_users.. are)
+    users = [(f"user_{i:03d}", i < n_users) for i in range(n_users + unseen_users)]
     for group_seen in (True, False):  # exact shares within seen and within unseen users
         ids = [u for u, s in users if s == group_seen]
         for a in attributes:
