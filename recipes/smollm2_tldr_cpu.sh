@@ -10,7 +10,7 @@ prlhf data convert tldr --input ../shared/data/tldr/comparisons_batch13.jsonl --
 for method in dpo pdpo_individual; do
     prlhf train --config recipes/smollm2_tldr_cpu_$method.yaml
 done
-prlhf eval --model $OUT/dpo --model $OUT/pdpo_individual --data $OUT/data/test.jsonl $OUT/data/unseen.jsonl --max-pairs-per-user 12 \
-    --users $OUT/data/users.json --generate 2 --max-new-tokens 48 --batch-size 8 --max-length 160 --max-prompt-length 112 \
+prlhf eval --model $OUT/dpo --model $OUT/pdpo_individual --data $OUT/data/test.jsonl $OUT/data/unseen.jsonl --max-pairs-per-user 6 \
+    --users $OUT/data/users.json --generate 1 --max-new-tokens 40 --batch-size 8 --max-length 160 --max-prompt-length 112 \
     --report $OUT/report --output $OUT/metrics.json
 echo "wall time: $(( $(date +%s) - start )) s"
