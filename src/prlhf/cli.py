@@ -221,18 +221,13 @@ def cmd_generate(argv: list[str]) -> int:
     if a.prompt is not None:
         print(model.generate([a.prompt], [a.user], [a.user_text], **kw)[0])
         return 0
-    records = []
-    with open(a.input, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{a.input}: line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(rec, dict) or "prompt" not in rec:
-                raise ConfigError(f"{a.input}: line {lineno}: field 'prompt' is missing")
-            records.append(rec)
+    from .data import read_records
+
+    records = read_records(a.input)
+    for i, rec in enumerate(records):
+        if not isinstance(rec.get("prompt"), (str, list)):
+            raise ConfigError(f"{a.input}: record {i} (line {rec.get('_line')}): field 'prompt' is missing")
+        rec.pop("_line", None)
     out_f = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout
     try:
         for s in range(0, len(records), a.batch_size):

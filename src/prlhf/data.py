@@ -44,21 +44,35 @@ class DataError(ValueError):
 # Reading and validating records
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(rec).__name__}")
-            rec.setdefault("_line", lineno)
-            records.append(rec)
-    return records
+def read_records(path: str | Path) -> list[dict]:
+    """The JSON objects of a file: a JSON list, or one object per line (JSONL). Objects read from
+    JSONL carry their line number as ``_line``; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: record {i}: expected an object, got {type(row).__name__}")
+        return rows
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+        row["_line"] = lineno
+        rows.append(row)
+    return rows
 
 
 def _is_messages(value: Any) -> bool:
@@ -105,20 +119,7 @@ def load_preference_data(source: str | Path | Iterable[dict]) -> list[dict]:
     Every record is validated; the first bad one raises ``DataError`` naming file, record and field.
     """
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"{path}: no such file")
-        if path.suffix == ".json":
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-            if not isinstance(rows, list):
-                raise DataError(f"{path}: expected a JSON list of records")
-            records = [dict(r, _line=i + 1) if isinstance(r, dict) else r for i, r in enumerate(rows)]
-        else:
-            records = _read_jsonl(path)
-        name = str(path)
+        records, name = read_records(source), str(source)
     else:
         records, name = [dict(r) for r in source], "data"
     out = []

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from .data import PreferenceCollator, tokenize_dataset
-from .losses import sequence_logps
 from .modeling import PersonalizedLM
 from .users import GENERIC_ROW
 

@@ -31,7 +31,6 @@ USER_INITS = ("vocab", "random")
 def _init_vectors(shape: tuple[int, ...], init: str, token_embeddings: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """Initial soft-prompt vectors: copies of randomly drawn token embeddings (``vocab``, as in the
     authors' code) or N(0, s^2) with s the token embeddings' std (``random``, small if unknown)."""
-    d = shape[-1]
     n = int(torch.tensor(shape[:-1]).prod().item()) if len(shape) > 1 else 1
     if init == "vocab":
         if token_embeddings is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..data import DataError
 
 
+
 @dataclass
 class Conversion:
     source: str
@@ -108,36 +109,6 @@ def write_conversion(conv: Conversion, out_dir: str | Path) -> Path:
     meta = {"source": conv.source, "options": conv.options, "summary": conv.summary_dict(), "users": users}
     _atomic_write_text(out / "users.json", json.dumps(meta, indent=1, ensure_ascii=False))
     return out
-
-
-def read_json_or_jsonl(path: Path) -> list[dict]:
-    """A JSON list or one JSON object per line; errors name the file and line."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: record {i}: expected an object, got {type(row).__name__}")
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-        row["_line"] = lineno
-        rows.append(row)
-    return rows
 
 
 def load_hub_dataset(name: str, config: str | None, split: str):

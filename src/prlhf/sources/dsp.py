@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..data import DataError
-from .common import Conversion, assign_split, instruction_pair, read_json_or_jsonl, stable_fraction, where
+from ..data import DataError, read_records
+from .common import Conversion, assign_split, instruction_pair, stable_fraction, where
 
 DOMAINS = ("academy", "business", "entertainment", "literature")
 POOLS = ("all", "domains", "normal")
@@ -29,7 +29,7 @@ def convert_dsp(input: str, rejected_per_query: int = 1, rejected_pool: str = "a
     unknown = set(unseen_users) - set(DOMAINS)
     if unknown:
         raise ValueError(f"unseen users must be DSP domains {DOMAINS}, got {sorted(unknown)}")
-    rows = read_json_or_jsonl(Path(input))
+    rows = read_records(Path(input))
     conv = Conversion("dsp", read=len(rows), options=dict(
         rejected_per_query=rejected_per_query, rejected_pool=rejected_pool, unseen_users=sorted(unseen_users),
         test_fraction=test_fraction, seed=seed, format=format))

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..data import DataError
-from .common import Conversion, assign_split, read_json_or_jsonl, stable_fraction, where
+from ..data import DataError, read_records
+from .common import Conversion, assign_split, stable_fraction, where
 
 USER_FIELDS = ("stated_prefs", "self_description", "demographics", "system_string")
 # survey_question_mapping.json: "It is important that an AI language model ..."
@@ -139,8 +139,8 @@ def convert_prism(input: str, unseen_fraction: float = 0.1, test_fraction: float
     bad = set(user_fields) - set(USER_FIELDS)
     if bad:
         raise ValueError(f"user fields must be among {USER_FIELDS}, got {sorted(bad)}")
-    survey = read_json_or_jsonl(survey_path)
-    conversations = read_json_or_jsonl(conv_path)
+    survey = read_records(survey_path)
+    conversations = read_records(conv_path)
     result = Conversion("prism", read=len(conversations), options=dict(
         unseen_fraction=unseen_fraction, test_fraction=test_fraction, seed=seed, user_fields=list(user_fields),
         skip_ties=skip_ties, max_users=max_users))

@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..data import DataError
-from .common import Conversion, assign_split, instruction_pair, load_hub_dataset, read_json_or_jsonl, where
+from ..data import DataError, read_records
+from .common import Conversion, assign_split, instruction_pair, load_hub_dataset, where
 
 PROFILE_ID = re.compile(r"(?:^|[^A-Za-z0-9])(?:P|pref)([1-3][A-D])(?:[^A-Za-z0-9]|$)", re.IGNORECASE)
 # The preference instruction of RLPHF, appended after the task ("... Generate a response that ...").
@@ -59,10 +59,10 @@ def _rows(input: str) -> list[tuple[str, int, dict, str | None]]:
         files = sorted(p for p in path.glob("*.json*") if profile_id(p.name))
         if not files:
             raise DataError(f"{path}: no P-SOUPS files (P1A.json ... P3B.json) in this folder")
-        return [(str(f), i, row, profile_id(f.name)) for f in files for i, row in enumerate(read_json_or_jsonl(f))]
+        return [(str(f), i, row, profile_id(f.name)) for f in files for i, row in enumerate(read_records(f))]
     if path.exists():
         pid = profile_id(path.name)
-        return [(str(path), i, row, pid) for i, row in enumerate(read_json_or_jsonl(path))]
+        return [(str(path), i, row, pid) for i, row in enumerate(read_records(path))]
     return [(input, i, row, None) for i, row in enumerate(load_hub_dataset(input, None, "train"))]
 
 

@@ -22,8 +22,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from ..data import DataError
-from .common import Conversion, assign_split, load_hub_dataset, read_json_or_jsonl, where
+from ..data import DataError, read_records
+from .common import Conversion, assign_split, load_hub_dataset, where
 
 HUB_NAME = "openai/summarize_from_feedback"
 
@@ -76,7 +76,7 @@ def convert_tldr(input: str, label: str = "human", long_share: float = 0.7, top_
     if length_unit not in ("words", "chars"):
         raise ValueError(f"length_unit must be 'words' or 'chars', got {length_unit!r}")
     path = Path(input)
-    rows = read_json_or_jsonl(path) if path.exists() else load_hub_dataset(input, "comparisons", hub_split)
+    rows = read_records(path) if path.exists() else load_hub_dataset(input, "comparisons", hub_split)
     conv = Conversion("tldr", read=len(rows), options=dict(
         label=label, long_share=long_share, top_k=top_k, sft_only=sft_only, max_prompt_chars=max_prompt_chars,
         test_fraction=test_fraction, seed=seed, length_unit=length_unit))
