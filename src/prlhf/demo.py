@@ -17,8 +17,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from .config import PDPOConfig, PSFTConfig
 from .data import load_preference_data
 from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups
@@ -161,7 +159,6 @@ def check_findings(report: dict) -> dict[str, bool]:
 
 
 def main_demo(output: str, seed: int, ablations: bool) -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     report = run_demo(output, seed=seed, ablations=ablations)
     checks = check_findings(report)
     print("\n| finding | holds |\n|---|---|")

@@ -126,8 +126,9 @@ def evaluate_accuracy(model: PersonalizedLM, records: list[dict], reference=None
         pairs[i]["generic_margin"] = generic_margins[j]
     samples = {"overall": correct, "seen": [correct[i] for i in seen_idx], "generic": generic_correct,
                "unseen": [correct[i] for i in unseen_idx]}
-    by_user = lambda idx: {u: v for u, v in per_user.items() if u != NO_USER and any(examples[i]["user_id"] == u for i in idx)}  # noqa: E731
-    seen_users, unseen_users = by_user(seen_idx), by_user(unseen_idx)
+    users_of = lambda idx: {examples[i]["user_id"] for i in idx} - {None}  # noqa: E731
+    seen_users = {u: per_user[u] for u in users_of(seen_idx)}
+    unseen_users = {u: per_user[u] for u in users_of(unseen_idx)}
     return {
         "n_pairs": len(examples),
         "n_skipped": len(records) - len(examples),

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import build_sequence, collate_sequences, tokenize_prompt, with_user_id
+from .data import TokenizeSettings, build_sequence, collate_sequences, tokenize_prompt, with_user_id
 from .losses import sequence_logps
 from .models import load_model_and_tokenizer
 from .user_models import ImplicitUserModel, build_user_model, encode_user_text
@@ -185,8 +185,6 @@ class PersonalizedLM(nn.Module):
 
     def tokenize_settings(self, max_length: int | None, max_prompt_length: int | None):
         """How this model's training and evaluation data are tokenized."""
-        from .data import TokenizeSettings
-
         cfg = self.prlhf_config
         return TokenizeSettings(max_length, max_prompt_length, cfg.max_user_text_tokens, self.n_implicit_tokens,
                                 cfg.user_id_prompt)

@@ -18,6 +18,7 @@ embedding table in ``prlhf.modeling``; e_u = concat(implicit, explicit).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -31,7 +32,7 @@ USER_INITS = ("vocab", "random")
 def _init_vectors(shape: tuple[int, ...], init: str, token_embeddings: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """Initial soft-prompt vectors: copies of randomly drawn token embeddings (``vocab``, as in the
     authors' code) or N(0, s^2) with s the token embeddings' std (``random``, small if unknown)."""
-    n = int(torch.tensor(shape[:-1]).prod().item()) if len(shape) > 1 else 1
+    n = math.prod(shape[:-1])
     if init == "vocab":
         if token_embeddings is None:
             raise ValueError("user_init='vocab' needs the LLM's token embedding table")
