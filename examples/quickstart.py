@@ -61,7 +61,7 @@ def main() -> None:
         trainer.train()
         trainer.save_model()
         model = PersonalizedLM.from_pretrained(args.output_dir)
-        acc = evaluate_accuracy(model, test, trainer.reference_model)["accuracy"]["per_user"]
+        acc = evaluate_accuracy(model, test, trainer.reference_for_eval())["accuracy"]["per_user"]
         prompts = sorted({r["prompt"] for r in test})[:6]
         lengths = {}
         for user in ("long_fan", "short_fan"):

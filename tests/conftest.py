@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random Llama (offline) and small per-user preference data."""
 
+import os
 import random
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +11,9 @@ from prlhf.data import PreferenceCollator, TokenizeSettings, load_preference_dat
 from prlhf.modeling import PersonalizationConfig, PersonalizedLM
 from prlhf.models import tiny_llama
 from prlhf.users import UserRegistry
+
+# reference log-probs cached by the tests stay out of the user's ~/.cache
+os.environ.setdefault("PRLHF_REFERENCE_CACHE", tempfile.mkdtemp(prefix="prlhf-test-refcache-"))
 
 WORDS = "the dog cat runs fast slow big small house tree river sun moon day night".split()
 

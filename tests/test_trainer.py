@@ -70,7 +70,7 @@ def test_pdpo_learns_opposite_preferences_and_vanilla_cannot(tmp_path):
                  n_user_tokens=4, user_learning_rate=1e-2, train_sampling_strategy="random", logging_steps=100)
         trainer = PDPOTrainer(args=a, train_dataset=records)
         trainer.train()
-        results[kind] = evaluate_accuracy(trainer.model, records, trainer.reference_model)["accuracy"]
+        results[kind] = evaluate_accuracy(trainer.model, records, trainer.reference_for_eval())["accuracy"]
     assert results["individual"]["per_user"]["long_fan"] >= 0.9
     assert results["individual"]["per_user"]["short_fan"] >= 0.9
     # vanilla DPO sees every prompt with both labels: it cannot beat 0.5 on both users at once
@@ -120,7 +120,7 @@ def test_save_model_writes_a_loadable_model(tmp_path):
     assert cfg["user_model"] == "cluster" and cfg["reference_model_name_or_path"] == "tiny-llama"
     assert json.loads((out / "users.json").read_text())["users"] == ["long_fan", "short_fan"]
     loaded = PersonalizedLM.from_pretrained(out)
-    m1 = evaluate_accuracy(trainer.model, records, trainer.reference_model)
+    m1 = evaluate_accuracy(trainer.model, records, trainer.reference_for_eval())
     m2 = evaluate_accuracy(loaded, records, tiny_llama()[0])
     assert [p["margin"] for p in m1["pairs"]] == pytest.approx([p["margin"] for p in m2["pairs"]], abs=1e-5)
 

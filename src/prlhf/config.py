@@ -89,6 +89,18 @@ class PDPOConfig(PrlhfArguments):
                            "learned preference; 0 is plain P-DPO.")
     reference_model_name_or_path: str | None = _f(None, "pi_SFT, the reference: default model_name_or_path "
                                                   "(with LoRA: the base with adapters disabled).")
+    packing: bool = _f(True, "Shared-prompt packing: chosen and rejected of a pair in one sequence [user prefix, prompt, "
+                       "chosen, rejected] with a 4D attention mask, so the prompt is processed once per pair. False: "
+                       "one padded sequence per response (the plain reference layout).")
+    precompute_ref_log_probs: bool = _f(True, "Compute the reference log-probs once, before training, and cache them on "
+                                        "disk (reference_cache_dir); False: a reference forward pass every step (with "
+                                        "a full copy of the weights unless use_lora).")
+    reference_cache_dir: str | None = _f(None, "Where precomputed reference log-probs are cached, keyed by reference "
+                                         "weights, tokenizer, tokenized data and dtype (default: $PRLHF_CACHE/"
+                                         "reference_logps, i.e. ~/.cache/prlhf/reference_logps); 'none' keeps them in "
+                                         "memory only.")
+    response_logits_only: bool = _f(True, "Apply the LM head at response positions only; False computes logits and "
+                                    "log-softmax at every position (as the authors' code does).")
     log_per_user_max: int = _f(20, "Log per-user training accuracy when there are at most this many users.")
     learning_rate: float = _f(5e-6, "Learning rate of the LLM (AdamW).")
 

@@ -286,24 +286,99 @@ def collate_sequences(seqs: list[tuple], pad_id: int, side: str) -> dict[str, to
     }
 
 
+def build_packed_sequence(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], user_text_ids: list[int],
+                          n_user_tokens: int, bos_id: int | None, slot_id: int):
+    """A shared-prompt packed sequence ``[BOS] [user prefix] [prompt] [chosen] [rejected]``.
+
+    Returns (ids, branch, implicit_mask, user_mask, chosen_pred, rejected_pred): ``branch`` is 0 for
+    the shared prefix and prompt, 1 for chosen and 2 for rejected tokens (the attention mask lets a
+    token see branch 0 and its own branch only); ``*_pred`` hold, for each response token, the
+    position whose hidden state predicts it: the last prompt token for the first token of either
+    response, then the previous token of the same response."""
+    ids, _, implicit, user = build_sequence(prompt_ids, [], user_text_ids, n_user_tokens, bos_id, slot_id)
+    start = len(ids)
+    ids = ids + list(chosen_ids) + list(rejected_ids)
+    branch = [0] * start + [1] * len(chosen_ids) + [2] * len(rejected_ids)
+    implicit = implicit + [False] * (len(chosen_ids) + len(rejected_ids))
+    user = user + [False] * (len(chosen_ids) + len(rejected_ids))
+    chosen_pred = [start - 1] + list(range(start, start + len(chosen_ids) - 1))
+    r0 = start + len(chosen_ids)
+    rejected_pred = [start - 1] + list(range(r0, r0 + len(rejected_ids) - 1))
+    return ids, branch, implicit, user, chosen_pred[:len(chosen_ids)], rejected_pred[:len(rejected_ids)]
+
+
 @dataclass
 class PreferenceCollator:
-    """Batches tokenized pairs as 2B sequences: chosen rows 0..B-1, then rejected rows B..2B-1."""
+    """Batches tokenized pairs, in one of two layouts.
+
+    * plain (``packing=False``, the reference implementation): 2B sequences, chosen rows 0..B-1
+      then rejected rows B..2B-1, each ``[BOS] [user prefix] [prompt] [response]``;
+    * packed (``packing=True``): B sequences ``[BOS] [user prefix] [prompt] [chosen] [rejected]``
+      with a ``branch`` map from which the model builds a 4D attention mask (rejected does not see
+      chosen) and position ids (rejected restarts where the prompt ends): the prompt is processed
+      once per pair instead of twice.
+
+    Both carry the response tokens to score as flat targets: ``target_row``/``target_col`` (the
+    position whose hidden state predicts the token), ``target_ids`` and ``target_seq`` (0..B-1
+    chosen of pair i, B..2B-1 rejected), so that the LM head runs at those positions only.
+    ``row_pair`` maps each row to its pair, ``n_tokens`` counts response tokens per sequence (2B,),
+    and ``ref_logps`` (2B,) is filled from the examples' precomputed reference log-probs when
+    they have them. ``with_user=False`` leaves the user prefix out (the reference sees no user).
+    """
 
     pad_token_id: int
     bos_token_id: int | None
     n_user_tokens: int = 0
     padding_side: str = "right"
+    packing: bool = False
+    with_user: bool = True
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
-        seqs = [
-            build_sequence(ex["prompt_ids"], ex[key], ex["user_text_ids"], self.n_user_tokens, self.bos_token_id, self.pad_token_id)
-            for key in ("chosen_ids", "rejected_ids")
-            for ex in examples
-        ]
+        B = len(examples)
+        n_slots = self.n_user_tokens if self.with_user else 0
+        text = (lambda ex: ex["user_text_ids"]) if self.with_user else (lambda ex: [])  # noqa: E731
+        seqs, targets = [], []  # targets: (row, position in the unpadded row, token id, sequence)
+        if self.packing:
+            branches = []
+            for i, ex in enumerate(examples):
+                ids, branch, implicit, user, c_pred, r_pred = build_packed_sequence(
+                    ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], text(ex), n_slots, self.bos_token_id,
+                    self.pad_token_id)
+                seqs.append((ids, [-100] * len(ids), implicit, user))
+                branches.append(branch)
+                targets += [(i, p, t, i) for p, t in zip(c_pred, ex["chosen_ids"]) if p >= 0]
+                targets += [(i, p, t, B + i) for p, t in zip(r_pred, ex["rejected_ids"]) if p >= 0]
+            row_pair = list(range(B))
+        else:
+            for j, key in enumerate(("chosen_ids", "rejected_ids")):
+                for i, ex in enumerate(examples):
+                    seq = build_sequence(ex["prompt_ids"], ex[key], text(ex), n_slots, self.bos_token_id, self.pad_token_id)
+                    seqs.append(seq)
+                    start = len(seq[0]) - len(ex[key])
+                    targets += [(j * B + i, start - 1 + k, t, j * B + i) for k, t in enumerate(ex[key]) if start - 1 + k >= 0]
+            row_pair = list(range(B)) * 2
         batch = collate_sequences(seqs, self.pad_token_id, self.padding_side)
+        width = batch["input_ids"].shape[1]
+        lengths = [len(s[0]) for s in seqs]
+        if self.packing:
+            batch["branch"] = pad_batch(branches, -1, self.padding_side)
+            del batch["labels"]
+        shift = [width - n if self.padding_side == "left" else 0 for n in lengths]
+        rows, cols, ids, seq = zip(*targets) if targets else ((), (), (), ())
+        batch["target_row"] = torch.tensor(rows, dtype=torch.long)
+        batch["target_col"] = torch.tensor([c + shift[r] for r, c in zip(rows, cols)], dtype=torch.long)
+        batch["target_ids"] = torch.tensor(ids, dtype=torch.long)
+        batch["target_seq"] = torch.tensor(seq, dtype=torch.long)
+        batch["n_tokens"] = torch.bincount(batch["target_seq"], minlength=2 * B)
+        batch["row_pair"] = torch.tensor(row_pair, dtype=torch.long)
         batch["user_rows"] = torch.tensor([ex["user_row"] for ex in examples], dtype=torch.long)  # (B,)
         batch["index"] = torch.tensor([ex.get("index", -1) for ex in examples], dtype=torch.long)
+        has_ref = ["ref_logps" in ex for ex in examples]
+        if any(has_ref):
+            if not all(has_ref):
+                raise ValueError("a batch mixes examples with and without precomputed reference log-probs")
+            batch["ref_logps"] = torch.tensor([ex["ref_logps"][0] for ex in examples] + [ex["ref_logps"][1] for ex in examples],
+                                              dtype=torch.float32)
         return batch
 
 

@@ -64,23 +64,24 @@ def per_user_mean(groups: dict[str, list[float]], n_boot: int = 1000, level: flo
 
 @torch.no_grad()
 def pair_margins(model: PersonalizedLM, examples: list[dict], rows: list[int], reference, batch_size: int = 8,
-                 ref_cache: dict | None = None) -> list[float]:
+                 ref_cache: dict | None = None, packing: bool = True) -> list[float]:
     """Implicit reward margin (chosen - rejected, beta = 1) of each tokenized pair for the given user rows.
-    ``ref_cache`` (index -> (ref_chosen, ref_rejected)) avoids recomputing reference log-probs."""
+    ``ref_cache`` (index -> (ref_chosen, ref_rejected)) avoids recomputing reference log-probs;
+    ``packing`` scores chosen and rejected on one shared prompt (same numbers, less work)."""
     tok = model.tokenizer
-    collate = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, "right")
+    collate = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, "right", packing=packing)
     margins = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]
         batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
         B = len(chunk)
         user_rows = torch.tensor(rows[s:s + batch_size], device=model.device)
-        lp = model.sequence_logps(batch, user_rows.repeat(2))
+        lp = model.term_logps(batch, [(user_rows, None)])[0]
         if ref_cache is not None and all(ex["index"] in ref_cache for ex in chunk):
             ref = torch.tensor([ref_cache[ex["index"]][0] for ex in chunk] + [ref_cache[ex["index"]][1] for ex in chunk],
                                device=model.device)
         else:
-            ref = model.reference_logps(batch, reference)
+            ref = model.reference_pair_logps(batch, reference)
             if ref_cache is not None:
                 for i, ex in enumerate(chunk):
                     ref_cache[ex["index"]] = (ref[i].item(), ref[B + i].item())

@@ -10,6 +10,13 @@ so left and right padding give the same log-probs for real tokens.
 
 The reference pi_SFT(y|x) sees no user input: the same layout with every user position masked
 out of the attention (positions skip them too), which equals the plain prompt+response sequence.
+
+Training scores pairs through ``term_logps``: the collator's flat response targets let the LM head
+run at response positions only (the backbone through ``get_decoder()``, the head through
+``get_output_embeddings()``), and a packed batch (``[prefix] [prompt] [chosen] [rejected]`` per
+pair, see ``prlhf.data.PreferenceCollator``) gets a 4D attention mask in which rejected does not
+see chosen and position ids that restart rejected where the prompt ends. ``sequence_logps`` and
+``reference_logps`` (full logits over plain rows) are the plain reference computation.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -64,6 +72,91 @@ class PersonalizationConfig:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count only attended tokens: the first real token is at 0 whatever the padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def packed_attention(branch: torch.Tensor, hidden_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention of packed rows: (allowed (R, T, T) bool, position_ids (R, T)).
+
+    ``branch`` (R, T) is -1 for padding, 0 for the shared prefix and prompt, 1 chosen, 2 rejected.
+    A query sees earlier keys of branch 0 and of its own branch; ``hidden_keys`` (R, T) bool removes
+    keys (the user positions, for the reference). Each token's position is the number of keys it
+    sees minus one, which restarts the rejected response where the prompt ends and skips removed
+    keys. Every query also sees itself, so padding rows stay finite (their outputs are unused)."""
+    T = branch.shape[1]
+    q, k = branch.unsqueeze(2), branch.unsqueeze(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=branch.device).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    if hidden_keys is not None:
+        allowed = allowed & ~hidden_keys.unsqueeze(1)
+    positions = (allowed.sum(-1) - 1).clamp(min=0)
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=branch.device)
+    return allowed, positions
+
+
+def attention_mask_4d(llm: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``allowed`` (R, T, T) in the form the model's attention implementation takes as a ready 4D mask."""
+    impl = getattr(llm.config, "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return allowed.unsqueeze(1)
+    if impl == "eager":
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    raise ValueError(f"packed sequences need a 4D attention mask, which attn_implementation={impl!r} does not take; "
+                     "load the model with attn_implementation='sdpa' or 'eager', or train with packing=False")
+
+
+def _logit_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) that a model applies to its LM-head output (1.0 and None for most models)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None:
+        scale = getattr(cfg, "output_multiplier", None) or getattr(cfg, "lm_head_multiplier", None)
+    if scale is None and getattr(cfg, "logits_scaling", None):
+        scale = 1.0 / cfg.logits_scaling
+    return (1.0 if scale is None else float(scale)), getattr(cfg, "final_logit_softcapping", None)
+
+
+def _backbone_and_head(llm: nn.Module):
+    """(decoder, LM head) of a causal LM, or None when the model does not expose them."""
+    try:
+        decoder, head = llm.get_decoder(), llm.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is llm:
+        return None
+    return decoder, head
+
+
+def score_targets(llm: nn.Module, embeds: torch.Tensor, batch: dict, target_index: torch.Tensor,
+                  target_ids: torch.Tensor, hide_user: bool = False, full_logits: bool = False) -> torch.Tensor:
+    """log p(target token) at each flat position ``target_index`` (into R*T) of the rows ``embeds``.
+
+    ``batch`` gives the rows' ``attention_mask`` and ``user_mask``, and ``branch`` when packed;
+    ``hide_user`` masks the user positions out (the reference). The LM head runs only at the target
+    positions unless ``full_logits`` (logits and log-softmax at every position, as most trainers do)."""
+    if "branch" in batch:
+        allowed, position_ids = packed_attention(batch["branch"], batch["user_mask"] if hide_user else None)
+        attention_mask = attention_mask_4d(llm, allowed, embeds.dtype)
+    else:
+        attention_mask = batch["attention_mask"]
+        if hide_user:
+            attention_mask = attention_mask * (~batch["user_mask"]).long()
+        position_ids = position_ids_from_mask(attention_mask)
+    parts = None if full_logits else _backbone_and_head(llm)
+    kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if parts is None:
+        logits = llm(**kwargs).logits
+        logps = logits.float().log_softmax(-1).flatten(0, 1)[target_index]  # (M, V)
+        return logps.gather(1, target_ids.unsqueeze(1)).squeeze(1)
+    decoder, head = parts
+    hidden = decoder(**kwargs).last_hidden_state  # (R, T, d)
+    logits = head(hidden.flatten(0, 1)[target_index]).float()  # (M, V): response positions only
+    scale, softcap = _logit_transform(llm.config)
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return -F.cross_entropy(logits, target_ids, reduction="none")
 
 
 def _atomic_write_dir(target: Path, write) -> None:
@@ -151,8 +244,14 @@ class PersonalizedLM(nn.Module):
         users = self.user_model(user_rows).to(embeds.dtype)  # (N, T_u, d)
         return embeds.masked_scatter(implicit_mask.unsqueeze(-1), users)
 
-    def forward(self, input_ids, attention_mask, implicit_mask=None, user_rows=None, **kwargs):
-        """Logits (N, T, V) of sequences laid out by the collator, for users ``user_rows`` (N,)."""
+    def forward(self, input_ids=None, attention_mask=None, implicit_mask=None, user_rows=None, pairs=None, terms=None,
+                full_logits: bool = False, **kwargs):
+        """Logits (N, T, V) of sequences laid out by the collator, for users ``user_rows`` (N,).
+
+        With ``pairs`` (a collated preference batch) and ``terms``: ``term_logps(pairs, terms)``,
+        so that a distributed wrapper sees one forward call per step."""
+        if pairs is not None:
+            return self.term_logps(pairs, terms, full_logits=full_logits)
         embeds = self.embed(input_ids, implicit_mask, user_rows)
         return self.llm(
             inputs_embeds=embeds,
@@ -167,6 +266,65 @@ class PersonalizedLM(nn.Module):
         ``user_rows`` has one entry per sequence (N,)."""
         logits = self(batch["input_ids"], batch["attention_mask"], batch["implicit_mask"], user_rows)
         return sequence_logps(logits, batch["labels"])
+
+    def term_logps(self, batch: dict, terms: list, full_logits: bool = False) -> torch.Tensor:
+        """log pi_P(y | x, u) of chosen and rejected for several user terms in ONE forward pass.
+
+        ``batch`` is a collated preference batch (plain or packed); ``terms`` a list of
+        ``(pair_users (B,), pairs (B,) bool or None)``: each term scores the selected pairs (all
+        with None) under the given user rows. Returns (n_terms, 2B): chosen of pair i at column i,
+        rejected at B + i; pairs a term did not select are 0."""
+        R, T = batch["input_ids"].shape
+        B = batch["user_rows"].shape[0]
+        row_pair, t_row, t_col = batch["row_pair"], batch["target_row"], batch["target_col"]
+        rows, users, flat, seqs, ids = [], [], [], [], []
+        offset = 0
+        for k, (pair_users, selected) in enumerate(terms):
+            if selected is None:
+                term_rows, keep = torch.arange(R, device=row_pair.device), slice(None)
+                new_row = term_rows + offset
+            else:
+                row_sel = selected[row_pair]
+                term_rows = row_sel.nonzero(as_tuple=True)[0]
+                new_row = torch.full((R,), -1, dtype=torch.long, device=row_pair.device)
+                new_row[term_rows] = torch.arange(len(term_rows), device=row_pair.device) + offset
+                keep = row_sel[t_row]
+            flat.append(new_row[t_row[keep]] * T + t_col[keep])
+            seqs.append(batch["target_seq"][keep] + k * 2 * B)
+            ids.append(batch["target_ids"][keep])
+            rows.append(term_rows)
+            users.append(pair_users[row_pair[term_rows]])
+            offset += len(term_rows)
+        rows = torch.cat(rows)
+        sub = {key: batch[key][rows] for key in ("input_ids", "attention_mask", "implicit_mask", "user_mask", "branch") if key in batch}
+        embeds = self.embed(sub["input_ids"], sub["implicit_mask"], torch.cat(users))
+        token_logps = score_targets(self.llm, embeds, sub, torch.cat(flat), torch.cat(ids), full_logits=full_logits)
+        out = torch.zeros(len(terms) * 2 * B, dtype=token_logps.dtype, device=token_logps.device)
+        return out.index_add(0, torch.cat(seqs), token_logps).view(len(terms), 2 * B)
+
+    @torch.no_grad()
+    def reference_pair_logps(self, batch: dict, reference: nn.Module | None = None, full_logits: bool = False,
+                             policy_is_reference: bool = False) -> torch.Tensor:
+        """log pi_SFT(y | x) of chosen and rejected (2B,) of a collated preference batch (plain or
+        packed), user positions masked out; ``reference`` a frozen LM, or None for this model's
+        base with its LoRA adapters disabled, or, with ``policy_is_reference`` (before training),
+        this model's LLM as it is."""
+        flat = batch["target_row"] * batch["input_ids"].shape[1] + batch["target_col"]
+        B = batch["user_rows"].shape[0]
+
+        def run(llm):
+            embeds = llm.get_input_embeddings()(batch["input_ids"])
+            token_logps = score_targets(llm, embeds, batch, flat, batch["target_ids"], hide_user=True, full_logits=full_logits)
+            return torch.zeros(2 * B, dtype=token_logps.dtype, device=token_logps.device).index_add(0, batch["target_seq"], token_logps)
+
+        if reference is not None:
+            return run(reference)
+        if self.is_lora:
+            with self.llm.disable_adapter():
+                return run(self.llm)
+        if not policy_is_reference:
+            raise ValueError("a reference model is needed unless the policy is a LoRA model")
+        return run(self.llm)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict, reference: nn.Module | None = None) -> torch.Tensor:

@@ -19,10 +19,12 @@ from transformers import Trainer
 
 from .config import PDPOConfig, PSFTConfig
 from .data import PreferenceCollator, SFTCollator, TokenizeSettings, load_preference_data, tokenize_dataset
-from .losses import personalized_loss, preference_loss, sequence_logps
-from .modeling import PersonalizationConfig, PersonalizedLM, generic_rows_like, position_ids_from_mask
+from .losses import personalized_loss, preference_loss
+from .modeling import PersonalizationConfig, PersonalizedLM, position_ids_from_mask
 from .models import ALIASES, load_model_and_tokenizer
-from .users import UserRegistry
+from .reference import (cache_key, cached_reference_logps, compute_reference_logps, default_cache_dir, fingerprint_examples,
+                        fingerprint_module, fingerprint_tokenizer)
+from .users import GENERIC_ROW, UserRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -107,24 +109,83 @@ class PDPOTrainer(_ResumableTrainer):
         evals = tokenize_dataset(eval_records, tokenizer, settings, model.registry, args.eval_file or "eval_dataset") if eval_records else None
 
         ref_path = args.reference_model_name_or_path
-        if reference_model is None and not model.is_lora:
-            if ref_path is None:  # the policy's starting point is pi_SFT
-                reference_model = copy.deepcopy(model.llm)
-                model.prlhf_config.reference_model_name_or_path = model.prlhf_config.base_model_name_or_path
-            else:
-                reference_model, _ = load_model_and_tokenizer(ref_path, trust_remote_code=args.trust_remote_code)
+        if reference_model is None and not model.is_lora and ref_path is not None:
+            reference_model, _ = load_model_and_tokenizer(ref_path, trust_remote_code=args.trust_remote_code)
         if ref_path is not None:  # recorded for `prlhf eval`
             model.prlhf_config.reference_model_name_or_path = _portable_path(ref_path)
-        collator = PreferenceCollator(tokenizer.pad_token_id, tokenizer.bos_token_id, model.n_implicit_tokens, args.padding_side)
+        elif not model.is_lora:  # the policy's starting point is pi_SFT
+            model.prlhf_config.reference_model_name_or_path = model.prlhf_config.base_model_name_or_path
+        collator = PreferenceCollator(tokenizer.pad_token_id, tokenizer.bos_token_id, model.n_implicit_tokens, args.padding_side,
+                                      packing=args.packing)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evals,
                          processing_class=tokenizer, **kwargs)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
         self.reference_model = None
         if reference_model is not None:
             reference_model.requires_grad_(False)
-            self.reference_model = reference_model.to(self.args.device).eval()
+            reference_model = reference_model.to(self.args.device).eval()
+        if args.precompute_ref_log_probs:
+            # pi_SFT is the policy itself before any step (or the LoRA base, adapters off): no copy of the weights
+            for name, examples in (("train", train), ("eval", evals)):
+                if examples:
+                    self.precompute_reference(examples, reference_model, name)
+        elif reference_model is None and not model.is_lora:
+            reference_model = copy.deepcopy(model.llm).requires_grad_(False).eval()
+        if not args.precompute_ref_log_probs:
+            self.reference_model = reference_model
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._user_hits = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+
+    def reference_for_eval(self) -> torch.nn.Module | None:
+        """pi_SFT for ``evaluate_accuracy`` after training: the reference the trainer holds, None for
+        LoRA (adapters disabled), else the recorded reference model loaded afresh (training with
+        precomputed reference log-probs keeps no copy of it)."""
+        pm: PersonalizedLM = self.accelerator.unwrap_model(self.model)
+        if self.reference_model is not None or pm.is_lora:
+            return self.reference_model
+        from .evaluation import load_reference
+
+        return load_reference(pm, trust_remote_code=self.args.trust_remote_code)
+
+    # -- reference log-probs, once -------------------------------------------------------------
+
+    def precompute_reference(self, examples: list[dict], reference: torch.nn.Module | None = None, name: str = "train") -> None:
+        """Fill ``ref_logps`` (chosen, rejected) of every tokenized example with log pi_SFT, computed
+        in one pass before training (``reference`` or, when None, this policy's LLM as it is now /
+        its LoRA base) or read from the disk cache (``reference_cache_dir``)."""
+        pm: PersonalizedLM = self.accelerator.unwrap_model(self.model)
+        module = reference if reference is not None else pm.llm
+        tok = self.processing_class
+        collate = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, 0, "right", packing=self.args.packing, with_user=False)
+        device = self.args.device
+        full_logits = not self.args.response_logits_only
+
+        def score(chunk):
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            with self.compute_loss_context_manager():
+                return pm.reference_pair_logps(batch, reference, full_logits=full_logits, policy_is_reference=True)
+
+        def compute():
+            was_training = pm.training
+            pm.eval()
+            try:
+                return compute_reference_logps(score, examples, self.args.per_device_eval_batch_size, f"reference log-probs ({name})")
+            finally:
+                pm.train(was_training)
+
+        dtype = str(next(module.parameters()).dtype) + ("+bf16" if self.args.bf16 else "+fp16" if self.args.fp16 else "")
+        cache = self.args.reference_cache_dir
+        directory = None if cache is not None and cache.lower() == "none" else Path(cache) if cache else default_cache_dir()
+        key = cache_key(fingerprint_module(module), fingerprint_tokenizer(tok), fingerprint_examples(examples), dtype) if directory else ""
+        meta = {"reference": pm.prlhf_config.reference_model_name_or_path or pm.prlhf_config.base_model_name_or_path,
+                "max_length": self.args.max_length, "max_prompt_length": self.args.max_prompt_length, "dtype": dtype}
+        with self.args.main_process_first(desc=f"reference log-probs ({name})"):
+            logps, hit = cached_reference_logps(examples, key, compute, directory, meta)
+        logger.info("%s: reference log-probs of %d pairs %s", name, len(examples),
+                    f"read from {directory}/{key}.safetensors" if hit else "computed" + (f", cached as {directory}/{key}.safetensors" if directory else ""))
+        self.reference_cache_hits = getattr(self, "reference_cache_hits", 0) + int(hit)
+        for ex, (c, r) in zip(examples, logps.tolist()):
+            ex["ref_logps"] = (c, r)
 
     # -- the objective ------------------------------------------------------------------------
 
@@ -141,19 +202,33 @@ class PDPOTrainer(_ResumableTrainer):
         user_rows = batch["user_rows"]  # (B,)
         B = user_rows.shape[0]
         need_user, need_generic = self.terms_needed(pm)
-        terms = ([("user", user_rows)] if need_user else []) + ([("generic", generic_rows_like(user_rows))] if need_generic else [])
-        n = len(terms)
-        # one forward for every term: (n * 2B) sequences, each term laid out as [chosen; rejected]
-        rows = torch.cat([r.repeat(2) for _, r in terms])
-        rep = lambda t: t.repeat(n, 1)  # noqa: E731
-        logits = model(rep(batch["input_ids"]), rep(batch["attention_mask"]), rep(batch["implicit_mask"]), rows)
-        logps = sequence_logps(logits, rep(batch["labels"]))  # (n * 2B,)
-        ref = pm.reference_logps(batch, self.reference_model)  # (2B,)
+        terms = [("user", user_rows, None)] if need_user else []
+        if need_generic:
+            # pairs of the generic user itself have equal terms: their generic rows are not run twice
+            selected = user_rows != GENERIC_ROW if need_user else None
+            if selected is None or bool(selected.any()):
+                terms.append(("generic", torch.full_like(user_rows, GENERIC_ROW), selected))
+        # ONE forward pass for every term and every chosen / rejected sequence of the batch
+        full_logits = not self.args.response_logits_only
+        logps = model(pairs=batch, terms=[(rows, sel) for _, rows, sel in terms], full_logits=full_logits)  # (n, 2B)
+        by_name = {name: logps[k] for k, (name, _, _) in enumerate(terms)}
+        if need_user and need_generic:
+            if "generic" not in by_name:
+                by_name["generic"] = by_name["user"]
+            elif terms[-1][2] is not None:
+                by_name["generic"] = torch.where(terms[-1][2].repeat(2), by_name["generic"], by_name["user"])
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"].to(logps.dtype)
+        elif self.reference_model is None and not pm.is_lora:
+            raise ValueError("this batch has no precomputed reference log-probs and the trainer holds no reference model: "
+                             "pass the data as train_dataset / eval_dataset when building the trainer (they are "
+                             "precomputed then), or set precompute_ref_log_probs=False")
+        else:
+            ref = pm.reference_pair_logps(batch, self.reference_model, full_logits=full_logits)  # (2B,)
 
         out, metrics = {}, {}
-        n_chosen = (batch["labels"][:B, 1:] != -100).sum(-1).clamp(min=1)  # response tokens of chosen (B,)
-        for k, (name, _) in enumerate(terms):
-            lp = logps[k * 2 * B:(k + 1) * 2 * B]
+        n_chosen = batch["n_tokens"][:B].clamp(min=1)  # response tokens of chosen (B,)
+        for name, lp in by_name.items():
             losses, chosen_r, rejected_r = preference_loss(lp[:B], lp[B:], ref[:B], ref[B:], self.args.beta,
                                                            self.args.loss_type, self.args.label_smoothing)
             if self.args.sft_weight:

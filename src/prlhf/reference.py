@@ -1,0 +1,131 @@
+"""Reference log-probs computed once and cached on disk.
+
+P-DPO's reference pi_SFT(y|x) sees no user input and never changes during training, so its
+log-probs of every chosen and rejected response are computed in one pass before training (no
+gradients, the LM head at response positions only, chosen and rejected packed on one shared
+prompt) and stored in ``<cache dir>/<key>.safetensors``. The key is a SHA-256 over
+
+* the reference weights (every tensor of the state dict; LoRA adapters excluded: with adapters
+  disabled the reference is the base model),
+* the tokenizer (vocabulary, special tokens, chat template),
+* the tokenized data (prompt, chosen and rejected token ids of every pair, in order: this also
+  covers the truncation settings, which are recorded in the file's metadata for people),
+* the compute dtype and the layout version,
+
+so a second run on the same model and data (another seed, another user model, another alpha)
+reuses the file, and any change of weights, tokenizer, data or truncation computes afresh. Files
+are written to a temporary name and moved into place, so an interrupted pass leaves nothing half
+written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .models import cache_dir
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$PRLHF_REFERENCE_CACHE``, else ``$PRLHF_CACHE/reference_logps`` (default ``~/.cache/prlhf/reference_logps``)."""
+    return Path(os.environ.get("PRLHF_REFERENCE_CACHE") or cache_dir() / "reference_logps")
+
+
+def fingerprint_module(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's weights (names, dtypes, shapes, bytes), LoRA adapter tensors excluded."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer", "").replace("base_model.model.", "")
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    """SHA-256 of a tokenizer's vocabulary, special tokens and chat template."""
+    state = {
+        "class": type(tokenizer).__name__,
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_examples(examples: list[dict]) -> str:
+    """SHA-256 of the tokenized pairs (prompt, chosen, rejected ids), in order."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]).encode())
+    return h.hexdigest()
+
+
+def cache_key(reference_fp: str, tokenizer_fp: str, data_fp: str, dtype: str) -> str:
+    parts = {"version": CACHE_VERSION, "reference": reference_fp, "tokenizer": tokenizer_fp, "data": data_fp, "dtype": dtype}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def compute_reference_logps(score: Callable[[list[dict]], torch.Tensor], examples: list[dict], batch_size: int,
+                            desc: str = "reference log-probs") -> torch.Tensor:
+    """(N, 2) chosen / rejected log-probs of ``examples``; ``score(chunk)`` returns (2B,) for a chunk.
+
+    Pairs are batched longest first (less padding); progress is shown."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(examples)), key=lambda i: -(len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"])
+                                                          + len(examples[i]["rejected_ids"])))
+    out = torch.empty(len(examples), 2, dtype=torch.float32)
+    with tqdm(total=len(examples), desc=desc, unit="pair", leave=False) as bar:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            lp = score([examples[i] for i in idx]).float().cpu()
+            out[idx, 0], out[idx, 1] = lp[:len(idx)], lp[len(idx):]
+            bar.update(len(idx))
+    return out
+
+
+def cached_reference_logps(examples: list[dict], key: str, compute: Callable[[], torch.Tensor], directory: Path | None,
+                           metadata: dict | None = None) -> tuple[torch.Tensor, bool]:
+    """(logps (N, 2), hit): read ``<directory>/<key>.safetensors`` or compute and write it atomically."""
+    path = Path(directory) / f"{key}.safetensors" if directory is not None else None
+    if path is not None and path.is_file():
+        try:
+            logps = load_file(str(path))["logps"]
+        except Exception as err:  # noqa: BLE001 - a damaged file is recomputed, not trusted
+            logger.warning("%s: unreadable reference cache (%s); recomputing", path, err)
+        else:
+            if logps.shape == (len(examples), 2):
+                return logps, True
+            logger.warning("%s: holds %s log-probs for %d pairs; recomputing", path, tuple(logps.shape), len(examples))
+    start = time.perf_counter()
+    logps = compute()
+    seconds = time.perf_counter() - start
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            meta = {k: str(v) for k, v in {**(metadata or {}), "pairs": len(examples), "seconds": f"{seconds:.2f}"}.items()}
+            save_file({"logps": logps.contiguous()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return logps, False
