@@ -83,7 +83,7 @@ def cache_key(reference_fp: str, tokenizer_fp: str, data_fp: str, dtype: str) ->
 
 
 def compute_reference_logps(score: Callable[[list[dict]], torch.Tensor], examples: list[dict], batch_size: int,
-                            desc: str = "reference log-probs") -> torch.Tensor:
+                            desc: str = "reference log-probs", disable_progress: bool = False) -> torch.Tensor:
     """(N, 2) chosen / rejected log-probs of ``examples``; ``score(chunk)`` returns (2B,) for a chunk.
 
     Pairs are batched longest first (less padding); progress is shown."""
@@ -92,7 +92,7 @@ def compute_reference_logps(score: Callable[[list[dict]], torch.Tensor], example
     order = sorted(range(len(examples)), key=lambda i: -(len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"])
                                                           + len(examples[i]["rejected_ids"])))
     out = torch.empty(len(examples), 2, dtype=torch.float32)
-    with tqdm(total=len(examples), desc=desc, unit="pair", leave=False) as bar:
+    with tqdm(total=len(examples), desc=desc, unit="pair", leave=False, disable=disable_progress) as bar:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             lp = score([examples[i] for i in idx]).float().cpu()

@@ -169,7 +169,8 @@ class PDPOTrainer(_ResumableTrainer):
             was_training = pm.training
             pm.eval()
             try:
-                return compute_reference_logps(score, examples, self.args.per_device_eval_batch_size, f"reference log-probs ({name})")
+                return compute_reference_logps(score, examples, self.args.per_device_eval_batch_size, f"reference log-probs ({name})",
+                                               disable_progress=self.args.disable_tqdm)
             finally:
                 pm.train(was_training)
 

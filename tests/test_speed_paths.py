@@ -1,0 +1,223 @@
+"""The fast paths (issue 5) against the plain reference computation.
+
+Plain reference: one padded row per response, a 2D attention mask, full logits and log-softmax at
+every position (``PersonalizedLM.sequence_logps`` / ``reference_logps``). Fast paths: shared-prompt
+packing with a 4D mask, the LM head at response positions only, one forward for all P-DPO terms,
+reference log-probs precomputed once and cached on disk. Each must give the same log-probs, loss
+and gradients (relative difference at most 1e-4).
+"""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_model, two_user_records
+from prlhf.config import PDPOConfig
+from prlhf.data import PreferenceCollator, TokenizeSettings, load_preference_data, tokenize_dataset
+from prlhf.losses import personalized_loss, preference_loss
+from prlhf.modeling import PersonalizationConfig, PersonalizedLM, packed_attention
+from prlhf.models import tiny_llama
+from prlhf.trainer import PDPOTrainer
+from prlhf.users import UserRegistry
+
+RECS = [
+    {"user_id": "a", "prompt": "Tell me about dogs.", "chosen": " Dogs are loyal friends and good pets.", "rejected": " Dogs."},
+    {"user_id": "b", "prompt": "What is money?", "chosen": " Money.", "rejected": " Money is a medium of exchange used to buy things.",
+     "user_text": "I like short answers"},
+    {"user_id": None, "prompt": "Hi", "chosen": " Hello there, how are you today?", "rejected": " Go away."},
+    {"user_id": "c", "prompt": "Name a river in a big country far away.", "chosen": " The Nile.", "rejected": " Some river."},
+]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def examples_for(model, records=RECS, **settings):
+    s = TokenizeSettings(n_user_tokens=model.n_implicit_tokens, max_user_text_tokens=model.prlhf_config.max_user_text_tokens,
+                         **settings)
+    return tokenize_dataset(load_preference_data(records), model.tokenizer, s, model.registry)
+
+
+def collate(model, examples, packing, side="right", with_user=True):
+    tok = model.tokenizer
+    return PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, side, packing, with_user)(examples)
+
+
+def test_packed_attention_mask_and_positions():
+    # [shared x3] [chosen x2] [rejected x2] [pad]
+    branch = torch.tensor([[0, 0, 0, 1, 1, 2, 2, -1]])
+    allowed, pos = packed_attention(branch)
+    assert pos[0, :7].tolist() == [0, 1, 2, 3, 4, 3, 4]  # rejected restarts where the prompt ends
+    assert allowed[0, 5, :5].tolist() == [True, True, True, False, False]  # rejected does not see chosen
+    assert allowed[0, 6].tolist() == [True, True, True, False, False, True, True, False]
+    assert not allowed[0, :7, 7].any()  # nobody sees padding
+    hidden = torch.tensor([[False, True, False, False, False, False, False, False]])  # a user position
+    allowed, pos = packed_attention(branch, hidden)
+    assert pos[0, [0, 2, 3, 4, 5, 6]].tolist() == [0, 1, 2, 3, 2, 3] and not allowed[0, 2:7, 1].any()
+
+
+@pytest.mark.parametrize("kind", ["individual", "cluster", "none"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_packed_and_response_only_logps_equal_plain_reference(kind, side):
+    model = build_model(user_model=kind, n_tokens=3, users=("a", "b", "c"))
+    ex = examples_for(model)
+    plain = collate(model, ex, packing=False)
+    rows = plain["user_rows"]
+    expected = model.sequence_logps(plain, rows.repeat(2))  # full logits, 2D mask, one row per response
+    for packing in (False, True):
+        batch = collate(model, ex, packing, side)
+        for full in (False, True):
+            got = model.term_logps(batch, [(rows, None)], full_logits=full)[0]
+            assert rel(got, expected) <= 1e-4, (packing, full)
+        ref = model.reference_pair_logps(batch, model.llm)
+        assert rel(ref, model.reference_logps(plain, model.llm)) <= 1e-4
+    packed = collate(model, ex, packing=True)
+    assert packed["input_ids"].shape[0] == len(ex) and plain["input_ids"].shape[0] == 2 * len(ex)
+    assert packed["attention_mask"].sum() < plain["attention_mask"].sum()  # the prompt is there once, not twice
+
+
+def test_several_terms_in_one_forward_equal_separate_computations():
+    model = build_model(user_model="individual", n_tokens=2)
+    ex = examples_for(model)
+    batch, plain = collate(model, ex, True), collate(model, ex, False)
+    users = batch["user_rows"]
+    generic = torch.zeros_like(users)
+    selected = users != 0
+    calls = []
+    hook = model.llm.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+    both = model.term_logps(batch, [(users, None), (generic, selected)])
+    hook.remove()
+    assert len(calls) == 1  # one forward pass for both terms
+    assert rel(both[0], model.sequence_logps(plain, users.repeat(2))) <= 1e-4
+    expected_generic = model.sequence_logps(plain, generic.repeat(2))
+    sel = selected.repeat(2)
+    assert rel(both[1][sel], expected_generic[sel]) <= 1e-4
+    assert (both[1][~sel] == 0).all()  # pairs a term does not select are not run
+
+
+def test_lm_head_runs_at_response_positions_only():
+    model = build_model(user_model="individual", n_tokens=2)
+    ex = examples_for(model)
+    batch = collate(model, ex, True)
+    seen = []
+    hook = model.llm.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    model.term_logps(batch, [(batch["user_rows"], None)])
+    hook.remove()
+    n_response = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex)
+    assert seen == [torch.Size([n_response, model.llm.config.hidden_size])]
+
+
+def test_eager_attention_takes_the_packed_mask():
+    llm, tok = tiny_llama()
+    llm.config._attn_implementation = "eager"
+    model = PersonalizedLM.build(PersonalizationConfig("tiny-llama", n_user_tokens=2), UserRegistry(["a", "b", "c"]), llm=llm,
+                                 tokenizer=tok)
+    ex = examples_for(model)
+    plain, packed = collate(model, ex, False), collate(model, ex, True)
+    rows = plain["user_rows"]
+    assert rel(model.term_logps(packed, [(rows, None)])[0], model.sequence_logps(plain, rows.repeat(2))) <= 1e-4
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, disable_tqdm=True, n_user_tokens=2,
+                per_device_train_batch_size=4, save_strategy="no", reference_cache_dir=str(tmp_path / "cache"),
+                learning_rate=1e-3, beta=0.3, sft_weight=0.2)
+    base.update(kw)
+    return PDPOConfig(**base)
+
+
+def _moved_model(seed=0):
+    model = build_model(user_model="individual", n_tokens=2, users=("a", "b", "c"))
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():  # a policy away from the reference, so that losses and gradients are not trivial
+        for p in model.llm.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 0.0])
+def test_fast_and_official_paths_give_same_loss_and_gradients(tmp_path, alpha):
+    reference = tiny_llama()[0]
+    results = {}
+    for name, kw in (("fast", {}), ("official", dict(packing=False, precompute_ref_log_probs=False, response_logits_only=False))):
+        model = _moved_model()
+        trainer = PDPOTrainer(model=model, args=_args(tmp_path / name, alpha=alpha, **kw), train_dataset=RECS,
+                              reference_model=copy.deepcopy(reference))
+        batch = trainer.data_collator(trainer.train_dataset)
+        model.zero_grad()
+        loss, _ = trainer.pdpo_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = (loss.detach(), grads)
+    (l1, g1), (l2, g2) = results["fast"], results["official"]
+    assert abs(l1 - l2) / abs(l2) <= 1e-4
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        assert rel(g1[n], g2[n]) <= 1e-4, n
+
+
+def test_loss_equals_hand_computation_with_generic_user_pairs(tmp_path):
+    """Pairs of the generic user are run once; the loss still equals the P-DPO formula term by term."""
+    model = _moved_model()
+    reference = tiny_llama()[0]
+    trainer = PDPOTrainer(model=model, args=_args(tmp_path, alpha=0.3), train_dataset=RECS, reference_model=reference)
+    batch = trainer.data_collator(trainer.train_dataset)
+    loss, _ = trainer.pdpo_loss(model, batch)
+    plain = collate(model, trainer.train_dataset, packing=False)
+    users = plain["user_rows"]
+    B = len(users)
+    ref = model.reference_logps(plain, reference)
+    per_term = []
+    for rows in (users, torch.zeros_like(users)):
+        lp = model.sequence_logps(plain, rows.repeat(2))
+        losses, _, _ = preference_loss(lp[:B], lp[B:], ref[:B], ref[B:], 0.3)
+        n_chosen = (plain["labels"][:B, 1:] != -100).sum(-1)
+        per_term.append(losses + 0.2 * (-lp[:B] / n_chosen))
+    expected = personalized_loss(per_term[0], per_term[1], 0.3).mean()
+    assert abs(loss.item() - expected.item()) <= 1e-4 * abs(expected.item())
+
+
+def test_reference_is_precomputed_once_and_cached_on_disk(tmp_path):
+    calls = []
+    model = build_model(user_model="individual", n_tokens=2, users=("long_fan", "short_fan"), randomize=False)
+    records = two_user_records(n_prompts=6)
+    args = _args(tmp_path, max_steps=2, train_sampling_strategy="sequential")
+    hook = model.llm.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+    trainer = PDPOTrainer(model=model, args=args, train_dataset=records)
+    n_precompute = len(calls)
+    assert n_precompute == -(-len(records) // args.per_device_eval_batch_size)
+    assert trainer.reference_model is None  # no copy of the weights is kept
+    expected = model.reference_logps(collate(model, trainer.train_dataset, False), model.llm)
+    got = torch.tensor([e["ref_logps"] for e in trainer.train_dataset]).T.reshape(-1)
+    assert rel(got, expected) <= 1e-4
+    before = len(calls)
+    trainer.train()
+    assert len(calls) == before + 2  # one forward per training step, no reference pass
+    hook.remove()
+    files = list(Path(args.reference_cache_dir).glob("*"))
+    assert len(files) == 1 and files[0].suffix == ".safetensors"  # nothing half-written left behind
+
+    # same model, tokenizer, data and truncation: read from disk, same numbers
+    again = PDPOTrainer(model=build_model(user_model="individual", n_tokens=2, users=("long_fan", "short_fan"), randomize=False),
+                        args=_args(tmp_path, max_steps=2, alpha=1.0), train_dataset=records)
+    assert again.reference_cache_hits == 1
+    assert [e["ref_logps"] for e in again.train_dataset] == [e["ref_logps"] for e in trainer.train_dataset]
+    # other truncation, other weights: computed afresh
+    cut = PDPOTrainer(model=build_model(user_model="individual", n_tokens=2, users=("long_fan", "short_fan"), randomize=False),
+                      args=_args(tmp_path, max_steps=2, max_length=30), train_dataset=records)
+    assert cut.reference_cache_hits == 0
+    other = build_model(user_model="individual", n_tokens=2, users=("long_fan", "short_fan"), randomize=False)
+    other.llm = tiny_llama(seed=1)[0]
+    assert PDPOTrainer(model=other, args=_args(tmp_path, max_steps=2), train_dataset=records).reference_cache_hits == 0
+    assert len(list(Path(args.reference_cache_dir).glob("*"))) == 3
+
+
+def test_no_reference_and_no_precomputed_logps_is_a_clear_error(tmp_path):
+    model = build_model(user_model="individual", n_tokens=2, users=("a", "b", "c"))
+    trainer = PDPOTrainer(model=model, args=_args(tmp_path, reference_cache_dir="none"), train_dataset=RECS)
+    fresh = examples_for(model)  # not seen by the trainer: no ref_logps
+    with pytest.raises(ValueError, match="no precomputed reference log-probs"):
+        trainer.pdpo_loss(model, trainer.data_collator(fresh))
