@@ -1,0 +1,366 @@
+"""Training-step speed of P-DPO against TRL's vanilla DPOTrainer, on the same batches.
+
+    python benchmarks/step_speed.py --model tiny-llama --json step_speed_tiny.json
+    python benchmarks/step_speed.py --model smollm2-135m-instruct --json step_speed_smollm2.json
+
+Systems (``--systems``; the first four are the default):
+
+* ``trl_dpo``: TRL ``DPOTrainer``, vanilla DPO, full fine-tuning, float32 (``bf16=False``: TRL's
+  default bf16 autocast is not what prlhf trains in, and is slow on CPUs without bf16 units);
+* ``pdpo_alpha_0.5`` / ``pdpo_alpha_1``: prlhf P-DPO, individual user model, T_u = 10, defaults
+  (one forward per step, shared-prompt packing, LM head at response positions, reference
+  log-probs precomputed before training);
+* ``official_scheme``: prlhf configured like the authors' code (user and generic rows duplicated,
+  reference forward every step, no packing, logits at every position), alpha = 0.5;
+* one optimization off at a time, alpha = 0.5: ``pdpo_no_packing``, ``pdpo_full_logits``,
+  ``pdpo_step_reference`` (reference forward every step, with a copy of the weights).
+
+Each system lives in its own worker process (so its peak resident memory is its own); the main
+process alternates them step by step (rotating the order each round) over the same batches of
+TL;DR-shaped pairs (prompts of about ``--prompt-tokens``, responses of about
+``--response-tokens``; from ../shared/data/tldr when present, else synthetic text), after
+``--warmup`` rounds. The time of a step is forward, backward and optimizer step; P-DPO's
+reference pass happens before training and is reported separately
+(``reference_seconds_per_comparison``: once per data set, not per epoch). A table is printed and
+the JSON written to ``--json``::
+
+    {"seconds_per_comparison": {name: float}, "peak_rss_mb": {name: float},
+     "tokens": {"prompt": float, "response": float}, ...}
+
+``--generation`` (default on) also measures batched multi-user generation with the KV cache
+against one prompt at a time: tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_SYSTEMS = ["trl_dpo", "pdpo_alpha_0.5", "pdpo_alpha_1", "official_scheme"]
+OFFICIAL = dict(packing=False, precompute_ref_log_probs=False, response_logits_only=False)
+SYSTEMS = {
+    "trl_dpo": None,
+    "pdpo_alpha_0.5": dict(alpha=0.5),
+    "pdpo_alpha_1": dict(alpha=1.0),
+    "official_scheme": dict(alpha=0.5, **OFFICIAL),
+    "pdpo_no_packing": dict(alpha=0.5, packing=False),
+    "pdpo_full_logits": dict(alpha=0.5, response_logits_only=False),
+    "pdpo_step_reference": dict(alpha=0.5, precompute_ref_log_probs=False),
+}
+SHARED_TLDR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tldr" / "comparisons_batch13.jsonl"
+WORDS = ("the a my we they she he it and but so because when after before about really just very time day week "
+         "friend family work school money house car dog cat talk said told asked think feel want need know help "
+         "month year boyfriend girlfriend parents job boss apartment city move problem idea plan advice").split()
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def tldr_records(path: Path) -> list[dict]:
+    from prlhf.data import read_records
+    from prlhf.sources.tldr import tldr_prompt
+
+    out = []
+    for row in read_records(path):
+        texts = [s["text"].strip() for s in row["summaries"]]
+        c = int(row["choice"])
+        if texts[0] == texts[1]:
+            continue
+        out.append({"user_id": str(row.get("worker")), "prompt": tldr_prompt(row["info"]),
+                    "chosen": " " + texts[c], "rejected": " " + texts[1 - c]})
+    return out
+
+
+def synthetic_records(tokenizer, n: int, prompt_tokens: int, response_tokens: int, seed: int) -> list[dict]:
+    """TL;DR-shaped pairs of random words, grown to the requested token counts."""
+    rng = random.Random(seed)
+
+    def grow(prefix: str, target: int, suffix: str = "") -> str:
+        words = []
+        while len(tokenizer(prefix + " ".join(words) + suffix, add_special_tokens=False)["input_ids"]) < target:
+            words += rng.choices(WORDS, k=max(1, (target - len(words)) // 4))
+        return prefix + " ".join(words) + suffix
+
+    out = []
+    for i in range(n):
+        prompt = grow("SUBREDDIT: r/advice\nTITLE: a question\nPOST: ", prompt_tokens, "\nTL;DR:")
+        short, long = rng.randint(response_tokens * 3 // 4, response_tokens), rng.randint(response_tokens, response_tokens * 5 // 4)
+        pair = [grow(" ", short), grow(" ", long)]
+        rng.shuffle(pair)
+        out.append({"user_id": f"user_{i % 10}", "prompt": prompt, "chosen": pair[0], "rejected": pair[1]})
+    return out
+
+
+def benchmark_records(tokenizer, n: int, prompt_tokens: int, response_tokens: int, seed: int,
+                      data: str = "auto") -> tuple[list[dict], str]:
+    """``n`` pairs whose prompts are closest to ``prompt_tokens`` tokens and responses at most
+    twice ``response_tokens``: real TL;DR comparisons when ../shared is present (``data`` auto or
+    tldr), else random words grown to those sizes."""
+    if data == "tldr" and not SHARED_TLDR.is_file():
+        raise SystemExit(f"{SHARED_TLDR}: not found (use --data synthetic)")
+    if data == "synthetic" or not SHARED_TLDR.is_file():
+        return synthetic_records(tokenizer, n, prompt_tokens, response_tokens, seed), "synthetic"
+    pool, source = tldr_records(SHARED_TLDR), f"TL;DR ({SHARED_TLDR.name})"
+
+    def ntok(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    scored = []
+    for r in pool:
+        c, rj = ntok(r["chosen"]), ntok(r["rejected"])
+        if c > 2 * response_tokens or rj > 2 * response_tokens:
+            continue
+        scored.append((abs(ntok(r["prompt"]) - prompt_tokens) + abs((c + rj) / 2 - response_tokens), r))
+    scored.sort(key=lambda t: t[0])
+    picked = [r for _, r in scored[:n]]
+    if len(picked) < n:
+        raise SystemExit(f"only {len(picked)} usable pairs in {source}, {n} needed")
+    random.Random(seed).shuffle(picked)
+    return picked, source
+
+
+# -- one system per worker process ------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _build(name: str, model_name: str, records: list[dict], batch_size: int, max_length: int, workdir: str):
+    """(trainer, batches(indices) -> batch, reference seconds per comparison)."""
+    import torch
+
+    from prlhf.models import load_model_and_tokenizer
+
+    common = dict(per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, learning_rate=1e-6,
+                  report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, max_length=max_length)
+    if name == "trl_dpo":
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        llm, tok = load_model_and_tokenizer(model_name)
+        args = DPOConfig(output_dir=os.path.join(workdir, name), beta=0.1, bf16=False, **common)
+        data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
+        trainer = DPOTrainer(model=llm, ref_model=copy.deepcopy(llm), args=args, train_dataset=data, processing_class=tok)
+        return trainer, (lambda idx: trainer.data_collator([trainer.train_dataset[i] for i in idx])), None
+
+    from prlhf.config import PDPOConfig
+    from prlhf.trainer import PDPOTrainer
+
+    args = PDPOConfig(output_dir=os.path.join(workdir, name), model_name_or_path=model_name, user_model="individual",
+                      n_user_tokens=10, beta=0.1, max_prompt_length=None, reference_cache_dir="none",
+                      **common, **SYSTEMS[name])
+    trainer = PDPOTrainer(args=args, train_dataset=records)
+    examples = trainer.train_dataset
+    assert len(examples) == len(records), "truncation dropped pairs: raise --max-length"
+    ref_seconds = None
+    if args.precompute_ref_log_probs:  # time the reference pass once more, on its own
+        saved = [ex.pop("ref_logps") for ex in examples]
+        start = time.perf_counter()
+        trainer.precompute_reference(examples)
+        ref_seconds = (time.perf_counter() - start) / len(examples)
+        for ex, s in zip(examples, saved):
+            assert torch.allclose(torch.tensor(ex["ref_logps"]), torch.tensor(s), atol=1e-4)
+    by_index = {ex["index"]: ex for ex in examples}
+    return trainer, (lambda idx: trainer.data_collator([by_index[i] for i in idx])), ref_seconds
+
+
+def worker(name: str, model_name: str, records: list[dict], batch_size: int, max_length: int, workdir: str, conn) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    try:
+        trainer, make_batch, ref_seconds = _build(name, model_name, records, batch_size, max_length, workdir)
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1  # what Trainer.train() sets before its steps
+        model = trainer.model
+        model.train()
+        conn.send(("ready", {"reference_seconds_per_comparison": ref_seconds, "rss_after_build_mb": _peak_rss_mb()}))
+        while True:
+            try:
+                msg, payload = conn.recv()
+            except EOFError:  # the main process went away
+                return
+            if msg == "stop":
+                conn.send(("done", {"peak_rss_mb": _peak_rss_mb()}))
+                return
+            batch = make_batch(payload)
+            start = time.perf_counter()
+            loss = trainer.training_step(model, batch)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            conn.send(("step", {"seconds": time.perf_counter() - start, "loss": float(loss)}))
+    except Exception as err:  # noqa: BLE001 - reported to the main process
+        import traceback
+
+        try:
+            conn.send(("error", f"{name}: {err!r}\n{traceback.format_exc()}"))
+        except OSError:
+            pass
+
+
+# -- generation ---------------------------------------------------------------------------------------
+
+
+def generation_speed(model_name: str, records: list[dict], n: int, new_tokens: int) -> dict:
+    """Batched multi-user generation (one ``generate`` call, KV cache) vs one prompt at a time."""
+    import torch
+
+    from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+    from prlhf.users import UserRegistry
+
+    users = sorted({r["user_id"] for r in records})
+    model = PersonalizedLM.build(PersonalizationConfig(model_name, user_model="individual", n_user_tokens=10),
+                                 UserRegistry(users))
+    model.eval()
+    prompts = [r["prompt"] for r in records[:n]]
+    ids = [r["user_id"] for r in records[:n]]
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(prompts[:2], ids[:2], max_new_tokens=2)  # warm-up
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(prompts, ids, **kw)
+        batched = time.perf_counter() - start
+        start = time.perf_counter()
+        for p, u in zip(prompts, ids):
+            model.generate([p], [u], **kw)
+        sequential = time.perf_counter() - start
+    total = n * new_tokens
+    return {"prompts": n, "users": len(set(ids)), "new_tokens_each": new_tokens,
+            "batched_tokens_per_second": total / batched, "sequential_tokens_per_second": total / sequential,
+            "batched_seconds": batched, "sequential_seconds": sequential}
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny-llama", help="tiny-llama | smollm2-135m-instruct | a model folder")
+    p.add_argument("--json", required=True, help="where the results go")
+    p.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=list(SYSTEMS))
+    p.add_argument("--batch-size", type=int, default=2, help="comparisons per step")
+    p.add_argument("--steps", type=int, default=3, help="measured rounds (one step of every system each)")
+    p.add_argument("--warmup", type=int, default=1, help="rounds before measuring")
+    p.add_argument("--prompt-tokens", type=int, default=300)
+    p.add_argument("--response-tokens", type=int, default=40)
+    p.add_argument("--max-length", type=int, default=512, help="per sequence; large enough that nothing is cut")
+    p.add_argument("--data", choices=["auto", "tldr", "synthetic"], default="auto",
+                   help="auto: ../shared/data/tldr when present, else synthetic")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--generation-prompts", type=int, default=8)
+    p.add_argument("--generation-tokens", type=int, default=32)
+    a = p.parse_args(argv)
+
+    from prlhf.models import load_model_and_tokenizer
+
+    _, tok = load_model_and_tokenizer(a.model)
+    rounds = a.warmup + a.steps
+    records, source = benchmark_records(tok, a.batch_size * rounds, a.prompt_tokens, a.response_tokens, a.seed, a.data)
+    for i, r in enumerate(records):
+        r["pair_id"] = i
+    prompt_lens = [len(tok(r["prompt"])["input_ids"]) for r in records]
+    resp_lens = [len(tok(r[k], add_special_tokens=False)["input_ids"]) for r in records for k in ("chosen", "rejected")]
+    schedule = [list(range(s * a.batch_size, (s + 1) * a.batch_size)) for s in range(rounds)]
+    print(f"{a.model}: {len(records)} pairs from {source}; prompt {statistics.mean(prompt_lens):.0f} tokens, response "
+          f"{statistics.mean(resp_lens):.0f}; batch {a.batch_size}; {a.warmup} warm-up + {a.steps} measured rounds; "
+          f"{os.cpu_count()} CPUs", flush=True)
+
+    def fail(info):
+        for proc, _ in workers.values():
+            proc.kill()
+        raise SystemExit(info)
+
+    ctx = mp.get_context("spawn")
+    workdir = tempfile.mkdtemp(prefix="prlhf-bench-")
+    workers, ready = {}, {}
+    for name in a.systems:  # built one after another: their loading peaks do not overlap
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(name, a.model, records, a.batch_size, a.max_length, workdir, child), daemon=True)
+        proc.start()
+        kind, info = parent.recv()
+        if kind == "error":
+            fail(info)
+        workers[name], ready[name] = (proc, parent), info
+        print(f"  {name}: ready", flush=True)
+    times = {n: [] for n in a.systems}
+    losses = {n: [] for n in a.systems}
+    last = {}
+    for r, idx in enumerate(schedule):
+        order = a.systems[r % len(a.systems):] + a.systems[:r % len(a.systems)]
+        for name in order:
+            conn = workers[name][1]
+            conn.send(("step", idx))
+            kind, info = conn.recv()
+            if kind == "error":
+                fail(info)
+            losses[name].append(info["loss"])
+            last[name] = info["seconds"]
+            if r >= a.warmup:
+                times[name].append(info["seconds"])
+        print(f"  round {r + 1}/{rounds}" + (" (warm-up)" if r < a.warmup else "") + ": " +
+              ", ".join(f"{n} {last[n]:.2f}s" for n in a.systems), flush=True)
+    peak = {}
+    for name, (proc, conn) in workers.items():
+        conn.send(("stop", None))
+        peak[name] = conn.recv()[1]["peak_rss_mb"]
+        proc.join(timeout=60)
+
+    spc = {n: statistics.mean(t) / a.batch_size for n, t in times.items()}
+    result = {
+        "seconds_per_comparison": spc,
+        "peak_rss_mb": peak,
+        "tokens": {"prompt": statistics.mean(prompt_lens), "response": statistics.mean(resp_lens)},
+        "reference_seconds_per_comparison": {n: i["reference_seconds_per_comparison"] for n, i in ready.items()
+                                             if i["reference_seconds_per_comparison"] is not None},
+        "step_seconds": times,
+        "losses": losses,
+        "settings": {"model": a.model, "batch_size": a.batch_size, "warmup": a.warmup, "steps": a.steps,
+                     "max_length": a.max_length, "data": source, "n_user_tokens": 10, "beta": 0.1, "dtype": "float32",
+                     "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+                     "python": sys.version.split()[0]},
+    }
+    ratios = {}
+    if "trl_dpo" in spc:
+        ratios.update({f"{n}/trl_dpo": spc[n] / spc["trl_dpo"] for n in spc if n != "trl_dpo"})
+    if "official_scheme" in spc and "pdpo_alpha_0.5" in spc:
+        ratios["official_scheme/pdpo_alpha_0.5"] = spc["official_scheme"] / spc["pdpo_alpha_0.5"]
+    result["ratios"] = ratios
+
+    if a.generation:
+        result["generation"] = generation_speed(a.model, records, a.generation_prompts, a.generation_tokens)
+
+    lines = ["| system | s / comparison | vs trl_dpo | peak RSS (MB) | reference pass (s / comparison, once) |",
+             "|---|---|---|---|---|"]
+    for n in a.systems:
+        vs = f"{spc[n] / spc['trl_dpo']:.2f}" if "trl_dpo" in spc else "-"
+        ref = result["reference_seconds_per_comparison"].get(n)
+        lines.append(f"| {n} | {spc[n]:.3f} | {vs} | {peak[n]:.0f} | {f'{ref:.3f}' if ref is not None else '-'} |")
+    print("\n" + "\n".join(lines))
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
+    if a.generation:
+        g = result["generation"]
+        print(f"generation ({g['prompts']} prompts, {g['users']} users, {g['new_tokens_each']} new tokens each): batched "
+              f"{g['batched_tokens_per_second']:.1f} tokens/s, one at a time {g['sequential_tokens_per_second']:.1f} tokens/s")
+    result["table"] = "\n".join(lines)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {a.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

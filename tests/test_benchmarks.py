@@ -1,0 +1,27 @@
+"""The speed benchmark runs end to end on the tiny model and writes the JSON contract."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_step_speed_writes_the_json_contract(tmp_path):
+    """Synthetic data, so the test needs nothing outside the repository."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--model", "tiny-llama", "--json", str(out),
+           "--batch-size", "1", "--steps", "1", "--warmup", "0", "--prompt-tokens", "60", "--response-tokens", "25", "--data", "synthetic",
+           "--generation-prompts", "2", "--generation-tokens", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    systems = {"trl_dpo", "pdpo_alpha_0.5", "pdpo_alpha_1", "official_scheme"}
+    assert set(result["seconds_per_comparison"]) == systems and set(result["peak_rss_mb"]) == systems
+    assert all(v > 0 for v in result["seconds_per_comparison"].values())
+    assert set(result["tokens"]) == {"prompt", "response"} and result["tokens"]["prompt"] > 0
+    assert result["generation"]["batched_tokens_per_second"] > 0
+    # the official scheme and prlhf's fast path compute the same loss on the same batch
+    assert abs(result["losses"]["official_scheme"][0] - result["losses"]["pdpo_alpha_0.5"][0]) < 1e-4
+    assert "| trl_dpo |" in proc.stdout
