@@ -70,6 +70,7 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
     gen_out = tmp_path / "out.jsonl"
     assert main(["generate", "--model", str(out), "--input", str(prompts), "--output", str(gen_out),
                  "--max-new-tokens", "5"]) == 0
+    assert "tokens/s" in capsys.readouterr().out  # batch mode reports its throughput
     rows = [json.loads(line) for line in gen_out.read_text().splitlines()]
     assert [r["user_id"] for r in rows] == ["long_fan", None, "short_fan"]
     assert rows[0]["response"].strip() == single  # batch mode == single mode for the same user and prompt
@@ -92,3 +93,12 @@ def test_sft_reads_a_pdpo_recipe_and_missing_model_is_a_clear_error(tmp_path, ca
     assert (tmp_path / "sft" / "model.safetensors").is_file()
     assert main(["train", "--config", str(cfg), "--model_name_or_path", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: no such model folder" in capsys.readouterr().err
+
+
+def test_count_new_tokens_stops_at_eos_and_padding():
+    import torch
+
+    from prlhf.cli import count_new_tokens
+
+    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [5, 0, 0, 0, 0]])
+    assert count_new_tokens(ids, eos_id=2, pad_id=0) == 3 + 5 + 1

@@ -221,3 +221,10 @@ def test_no_reference_and_no_precomputed_logps_is_a_clear_error(tmp_path):
     fresh = examples_for(model)  # not seen by the trainer: no ref_logps
     with pytest.raises(ValueError, match="no precomputed reference log-probs"):
         trainer.pdpo_loss(model, trainer.data_collator(fresh))
+
+
+def test_attention_without_4d_masks_is_refused_up_front_unless_unpacked(tmp_path):
+    model = build_model(user_model="individual", n_tokens=2, users=("a", "b", "c"))
+    model.llm.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="packing=False"):
+        PDPOTrainer(model=model, args=_args(tmp_path), train_dataset=RECS)

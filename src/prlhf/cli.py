@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -229,20 +230,46 @@ def cmd_generate(argv: list[str]) -> int:
             raise ConfigError(f"{a.input}: record {i} (line {rec.get('_line')}): field 'prompt' is missing")
         rec.pop("_line", None)
     out_f = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout
+    n_tokens, start = 0, time.perf_counter()
     try:
         for s in range(0, len(records), a.batch_size):
             chunk = records[s:s + a.batch_size]
-            texts = model.generate([r["prompt"] for r in chunk], [r.get("user_id") for r in chunk],
-                                   [r.get("user_text") for r in chunk], **kw)
+            # one generate() call per batch, each row with its own user embedding, KV cache on
+            batch = model.prepare_prompts([r["prompt"] for r in chunk], [r.get("user_id") for r in chunk],
+                                          [r.get("user_text") for r in chunk])
+            ids = model.generate_ids(batch, **kw)
+            n_tokens += count_new_tokens(ids, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id)
+            texts = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
             for r, t in zip(chunk, texts):
                 out_f.write(json.dumps({**r, "response": t}, ensure_ascii=False) + "\n")
             logger.info("generated %d/%d", min(s + a.batch_size, len(records)), len(records))
     finally:
         if a.output:
             out_f.close()
+    seconds = time.perf_counter() - start
+    summary = (f"generated {n_tokens} tokens for {len(records)} prompts in {seconds:.1f} s: "
+               f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s (batch size {a.batch_size})")
     if a.output:
-        print(f"wrote {len(records)} responses to {a.output}")
+        print(f"wrote {len(records)} responses to {a.output}; {summary}")
+    else:
+        logger.warning(summary)
     return 0
+
+
+def count_new_tokens(ids, eos_id: int | None, pad_id: int | None) -> int:
+    """Generated tokens of each row up to and including its first EOS (the rest is padding)."""
+    total = 0
+    for row in ids.tolist():
+        n = len(row)
+        for i, t in enumerate(row):
+            if t == eos_id:
+                n = i + 1
+                break
+            if t == pad_id:
+                n = i
+                break
+        total += n
+    return total
 
 
 def _csv(text: str) -> list[str]:

@@ -93,16 +93,25 @@ def packed_attention(branch: torch.Tensor, hidden_keys: torch.Tensor | None = No
     return allowed, positions
 
 
+PACKING_ATTENTION = ("sdpa", "eager")
+
+
+def check_packing_supported(llm: nn.Module) -> None:
+    """Packed sequences need an attention implementation that takes a ready 4D mask."""
+    impl = getattr(llm.config, "_attn_implementation", None) or "sdpa"
+    if impl not in PACKING_ATTENTION:
+        raise ValueError(f"packed sequences need a 4D attention mask, which attn_implementation={impl!r} does not take; "
+                         "load the model with attn_implementation='sdpa' or 'eager', or train with packing=False")
+
+
 def attention_mask_4d(llm: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``allowed`` (R, T, T) in the form the model's attention implementation takes as a ready 4D mask."""
+    check_packing_supported(llm)
     impl = getattr(llm.config, "_attn_implementation", None) or "sdpa"
     if impl == "sdpa":
         return allowed.unsqueeze(1)
-    if impl == "eager":
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    raise ValueError(f"packed sequences need a 4D attention mask, which attn_implementation={impl!r} does not take; "
-                     "load the model with attn_implementation='sdpa' or 'eager', or train with packing=False")
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)  # eager: an additive float mask
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def _logit_transform(config) -> tuple[float, float | None]:

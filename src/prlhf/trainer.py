@@ -20,7 +20,7 @@ from transformers import Trainer
 from .config import PDPOConfig, PSFTConfig
 from .data import PreferenceCollator, SFTCollator, TokenizeSettings, load_preference_data, tokenize_dataset
 from .losses import personalized_loss, preference_loss
-from .modeling import PersonalizationConfig, PersonalizedLM, position_ids_from_mask
+from .modeling import PersonalizationConfig, PersonalizedLM, check_packing_supported, position_ids_from_mask
 from .models import ALIASES, load_model_and_tokenizer
 from .reference import (cache_key, cached_reference_logps, compute_reference_logps, default_cache_dir, fingerprint_examples,
                         fingerprint_module, fingerprint_tokenizer)
@@ -103,6 +103,8 @@ class PDPOTrainer(_ResumableTrainer):
                 personalization_config(args), UserRegistry.from_records(train_records),
                 lora_kwargs=args.lora_kwargs(), trust_remote_code=args.trust_remote_code,
             )
+        if args.packing:
+            check_packing_supported(model.llm)
         tokenizer = processing_class or model.tokenizer
         settings = model.tokenize_settings(args.max_length, args.max_prompt_length)
         train = tokenize_dataset(train_records, tokenizer, settings, model.registry, args.train_file or "train_dataset")
