@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .data import PreferenceCollator, tokenize_dataset
-from .modeling import PersonalizedLM
+from .modeling import PACKING_ATTENTION, PersonalizedLM
 from .users import GENERIC_ROW
 
 NO_USER = "<none>"
@@ -64,10 +64,13 @@ def per_user_mean(groups: dict[str, list[float]], n_boot: int = 1000, level: flo
 
 @torch.no_grad()
 def pair_margins(model: PersonalizedLM, examples: list[dict], rows: list[int], reference, batch_size: int = 8,
-                 ref_cache: dict | None = None, packing: bool = True) -> list[float]:
+                 ref_cache: dict | None = None, packing: bool | None = None) -> list[float]:
     """Implicit reward margin (chosen - rejected, beta = 1) of each tokenized pair for the given user rows.
     ``ref_cache`` (index -> (ref_chosen, ref_rejected)) avoids recomputing reference log-probs;
-    ``packing`` scores chosen and rejected on one shared prompt (same numbers, less work)."""
+    ``packing`` scores chosen and rejected on one shared prompt (same numbers, less work; default:
+    when the model's attention takes a 4D mask)."""
+    if packing is None:
+        packing = getattr(model.llm.config, "_attn_implementation", None) in (None, *PACKING_ATTENTION)
     tok = model.tokenizer
     collate = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, "right", packing=packing)
     margins = []

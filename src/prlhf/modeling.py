@@ -38,7 +38,7 @@ from .data import TokenizeSettings, build_sequence, collate_sequences, tokenize_
 from .losses import sequence_logps
 from .models import load_model_and_tokenizer
 from .user_models import ImplicitUserModel, build_user_model, encode_user_text
-from .users import GENERIC_ROW, UserRegistry
+from .users import UserRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -473,8 +473,3 @@ def _load_tokenizer(directory: Path, trust_remote_code: bool):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def generic_rows_like(user_rows: torch.Tensor) -> torch.Tensor:
-    """The generic user (row 0) in place of every user: P-DPO's Delta_P0 term."""
-    return torch.full_like(user_rows, GENERIC_ROW)
