@@ -228,3 +228,37 @@ def test_attention_without_4d_masks_is_refused_up_front_unless_unpacked(tmp_path
     model.llm.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="packing=False"):
         PDPOTrainer(model=model, args=_args(tmp_path), train_dataset=RECS)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_on_packed_rows(tmp_path):
+    grads = {}
+    for ckpt in (False, True):
+        model = _moved_model()
+        trainer = PDPOTrainer(model=model, args=_args(tmp_path / str(ckpt)), train_dataset=RECS,
+                              reference_model=tiny_llama()[0])
+        if ckpt:
+            model.activation_checkpointing_enable()  # what Trainer.train() calls for gradient_checkpointing=True
+            assert model.is_gradient_checkpointing
+        model.train()
+        batch = trainer.data_collator(trainer.train_dataset)
+        loss, _ = trainer.pdpo_loss(model, batch)
+        loss.backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[False]:
+        assert rel(grads[True][n], grads[False][n]) <= 1e-4, n
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_with_gradient_checkpointing_runs(tmp_path, lora):
+    model = build_model(user_model="individual", n_tokens=2, users=("a", "b", "c"))
+    kw = dict(use_lora=True, lora_r=4) if lora else {}
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model.llm = get_peft_model(model.llm, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
+        model.prlhf_config.use_lora = True
+    trainer = PDPOTrainer(model=model, args=_args(tmp_path, max_steps=2, gradient_checkpointing=True, **kw), train_dataset=RECS)
+    trainer.train()
+    assert model.is_gradient_checkpointing
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)

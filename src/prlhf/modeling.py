@@ -231,13 +231,33 @@ class PersonalizedLM(nn.Module):
     def is_lora(self) -> bool:
         return hasattr(self.llm, "disable_adapter") and hasattr(self.llm, "peft_config")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """Recompute the LLM's layer activations in the backward pass (``Trainer`` calls this for
+        ``gradient_checkpointing=True``); extra arguments (``every_n_layers``, ``offload``) go to the LLM."""
+        llm = self.llm.get_base_model() if self.is_lora else self.llm
+        if hasattr(llm, "activation_checkpointing_enable"):
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         if self.is_lora:
             self.llm.enable_input_require_grads()
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self):
+        llm = self.llm.get_base_model() if self.is_lora else self.llm
+        if hasattr(llm, "activation_checkpointing_disable"):
+            llm.activation_checkpointing_disable()
+        else:
+            llm.gradient_checkpointing_disable()
+
     def gradient_checkpointing_disable(self):
-        self.llm.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.llm.modules())
 
     # -- forward ------------------------------------------------------------------------------
 
