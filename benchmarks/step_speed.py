@@ -315,14 +315,14 @@ def main(argv=None) -> dict:
     peak = {}
     for name, (proc, conn) in workers.items():
         conn.send(("stop", None))
-        peak[name] = conn.recv()[1]["peak_rss_mb"]
+        peak[name] = float(conn.recv()[1]["peak_rss_mb"])
         proc.join(timeout=60)
 
-    spc = {n: statistics.mean(t) / a.batch_size for n, t in times.items()}
+    spc = {n: float(statistics.mean(t)) / a.batch_size for n, t in times.items()}
     result = {
         "seconds_per_comparison": spc,
         "peak_rss_mb": peak,
-        "tokens": {"prompt": statistics.mean(prompt_lens), "response": statistics.mean(resp_lens)},
+        "tokens": {"prompt": float(statistics.mean(prompt_lens)), "response": float(statistics.mean(resp_lens))},
         "reference_seconds_per_comparison": {n: i["reference_seconds_per_comparison"] for n, i in ready.items()
                                              if i["reference_seconds_per_comparison"] is not None},
         "step_seconds": times,

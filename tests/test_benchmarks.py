@@ -19,7 +19,9 @@ def test_step_speed_writes_the_json_contract(tmp_path):
     result = json.loads(out.read_text())
     systems = {"trl_dpo", "pdpo_alpha_0.5", "pdpo_alpha_1", "official_scheme"}
     assert set(result["seconds_per_comparison"]) == systems and set(result["peak_rss_mb"]) == systems
-    assert all(v > 0 for v in result["seconds_per_comparison"].values())
+    assert all(isinstance(v, float) and v > 0 for v in result["seconds_per_comparison"].values())
+    assert all(isinstance(v, float) and v > 0 for v in result["peak_rss_mb"].values())
+    assert all(isinstance(v, float) for v in result["tokens"].values())
     assert set(result["tokens"]) == {"prompt", "response"} and result["tokens"]["prompt"] > 0
     assert result["generation"]["batched_tokens_per_second"] > 0
     # the official scheme and prlhf's fast path compute the same loss on the same batch
