@@ -24,6 +24,9 @@ def test_step_speed_writes_the_json_contract(tmp_path):
     assert all(isinstance(v, float) for v in result["tokens"].values())
     assert set(result["tokens"]) == {"prompt", "response"} and result["tokens"]["prompt"] > 0
     assert result["generation"]["batched_tokens_per_second"] > 0
+    # the reference pass is timed for the systems that precompute it, and only for them
+    assert set(result["reference_seconds_per_comparison"]) == {"pdpo_alpha_0.5", "pdpo_alpha_1"}
+    assert all(v > 0 for v in result["reference_seconds_per_comparison"].values())
     # the official scheme and prlhf's fast path compute the same loss on the same batch
     assert abs(result["losses"]["official_scheme"][0] - result["losses"]["pdpo_alpha_0.5"][0]) < 1e-4
     assert "| trl_dpo |" in proc.stdout

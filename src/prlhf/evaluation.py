@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .data import PreferenceCollator, tokenize_dataset
-from .modeling import PACKING_ATTENTION, PersonalizedLM
+from .modeling import PersonalizedLM, packing_supported
 from .users import GENERIC_ROW
 
 NO_USER = "<none>"
@@ -70,7 +70,7 @@ def pair_margins(model: PersonalizedLM, examples: list[dict], rows: list[int], r
     ``packing`` scores chosen and rejected on one shared prompt (same numbers, less work; default:
     when the model's attention takes a 4D mask)."""
     if packing is None:
-        packing = getattr(model.llm.config, "_attn_implementation", None) in (None, *PACKING_ATTENTION)
+        packing = packing_supported(model.llm)
     tok = model.tokenizer
     collate = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, "right", packing=packing)
     margins = []

@@ -96,19 +96,26 @@ def packed_attention(branch: torch.Tensor, hidden_keys: torch.Tensor | None = No
 PACKING_ATTENTION = ("sdpa", "eager")
 
 
+def _attn_impl(llm: nn.Module) -> str:
+    return getattr(llm.config, "_attn_implementation", None) or "sdpa"
+
+
+def packing_supported(llm: nn.Module) -> bool:
+    """Whether the model's attention implementation takes a ready 4D mask (what packing needs)."""
+    return _attn_impl(llm) in PACKING_ATTENTION
+
+
 def check_packing_supported(llm: nn.Module) -> None:
-    """Packed sequences need an attention implementation that takes a ready 4D mask."""
-    impl = getattr(llm.config, "_attn_implementation", None) or "sdpa"
-    if impl not in PACKING_ATTENTION:
-        raise ValueError(f"packed sequences need a 4D attention mask, which attn_implementation={impl!r} does not take; "
-                         "load the model with attn_implementation='sdpa' or 'eager', or train with packing=False")
+    if not packing_supported(llm):
+        raise ValueError(f"packed sequences need a 4D attention mask, which attn_implementation={_attn_impl(llm)!r} "
+                         "does not take; load the model with attn_implementation='sdpa' or 'eager', or train with "
+                         "packing=False")
 
 
 def attention_mask_4d(llm: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``allowed`` (R, T, T) in the form the model's attention implementation takes as a ready 4D mask."""
     check_packing_supported(llm)
-    impl = getattr(llm.config, "_attn_implementation", None) or "sdpa"
-    if impl == "sdpa":
+    if _attn_impl(llm) == "sdpa":
         return allowed.unsqueeze(1)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)  # eager: an additive float mask
     return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
@@ -166,6 +173,12 @@ def score_targets(llm: nn.Module, embeds: torch.Tensor, batch: dict, target_inde
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return -F.cross_entropy(logits, target_ids, reduction="none")
+
+
+def sum_per_sequence(token_logps: torch.Tensor, target_seq: torch.Tensor, n_sequences: int) -> torch.Tensor:
+    """Summed token log-probs per sequence (n_sequences,) from per-target values and their sequence ids."""
+    out = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, target_seq, token_logps)
 
 
 def _atomic_write_dir(target: Path, write) -> None:
@@ -306,30 +319,24 @@ class PersonalizedLM(nn.Module):
         R, T = batch["input_ids"].shape
         B = batch["user_rows"].shape[0]
         row_pair, t_row, t_col = batch["row_pair"], batch["target_row"], batch["target_col"]
+        all_pairs = torch.ones(B, dtype=torch.bool, device=row_pair.device)
         rows, users, flat, seqs, ids = [], [], [], [], []
-        offset = 0
         for k, (pair_users, selected) in enumerate(terms):
-            if selected is None:
-                term_rows, keep = torch.arange(R, device=row_pair.device), slice(None)
-                new_row = term_rows + offset
-            else:
-                row_sel = selected[row_pair]
-                term_rows = row_sel.nonzero(as_tuple=True)[0]
-                new_row = torch.full((R,), -1, dtype=torch.long, device=row_pair.device)
-                new_row[term_rows] = torch.arange(len(term_rows), device=row_pair.device) + offset
-                keep = row_sel[t_row]
+            row_sel = (all_pairs if selected is None else selected)[row_pair]  # (R,)
+            term_rows = row_sel.nonzero(as_tuple=True)[0]
+            new_row = torch.full((R,), -1, dtype=torch.long, device=row_pair.device)  # row in the stacked input
+            new_row[term_rows] = torch.arange(len(term_rows), device=row_pair.device) + sum(len(r) for r in rows)
+            keep = row_sel[t_row]
             flat.append(new_row[t_row[keep]] * T + t_col[keep])
             seqs.append(batch["target_seq"][keep] + k * 2 * B)
             ids.append(batch["target_ids"][keep])
             rows.append(term_rows)
             users.append(pair_users[row_pair[term_rows]])
-            offset += len(term_rows)
         rows = torch.cat(rows)
         sub = {key: batch[key][rows] for key in ("input_ids", "attention_mask", "implicit_mask", "user_mask", "branch") if key in batch}
         embeds = self.embed(sub["input_ids"], sub["implicit_mask"], torch.cat(users))
         token_logps = score_targets(self.llm, embeds, sub, torch.cat(flat), torch.cat(ids), full_logits=full_logits)
-        out = torch.zeros(len(terms) * 2 * B, dtype=token_logps.dtype, device=token_logps.device)
-        return out.index_add(0, torch.cat(seqs), token_logps).view(len(terms), 2 * B)
+        return sum_per_sequence(token_logps, torch.cat(seqs), len(terms) * 2 * B).view(len(terms), 2 * B)
 
     @torch.no_grad()
     def reference_pair_logps(self, batch: dict, reference: nn.Module | None = None, full_logits: bool = False,
@@ -344,7 +351,7 @@ class PersonalizedLM(nn.Module):
         def run(llm):
             embeds = llm.get_input_embeddings()(batch["input_ids"])
             token_logps = score_targets(llm, embeds, batch, flat, batch["target_ids"], hide_user=True, full_logits=full_logits)
-            return torch.zeros(2 * B, dtype=token_logps.dtype, device=token_logps.device).index_add(0, batch["target_seq"], token_logps)
+            return sum_per_sequence(token_logps, batch["target_seq"], 2 * B)
 
         if reference is not None:
             return run(reference)

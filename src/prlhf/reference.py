@@ -102,8 +102,9 @@ def compute_reference_logps(score: Callable[[list[dict]], torch.Tensor], example
 
 
 def cached_reference_logps(examples: list[dict], key: str, compute: Callable[[], torch.Tensor], directory: Path | None,
-                           metadata: dict | None = None) -> tuple[torch.Tensor, bool]:
-    """(logps (N, 2), hit): read ``<directory>/<key>.safetensors`` or compute and write it atomically."""
+                           metadata: dict | None = None) -> tuple[torch.Tensor, bool, float]:
+    """(logps (N, 2), hit, seconds computing): read ``<directory>/<key>.safetensors`` or compute
+    and write it atomically."""
     path = Path(directory) / f"{key}.safetensors" if directory is not None else None
     if path is not None and path.is_file():
         try:
@@ -112,7 +113,7 @@ def cached_reference_logps(examples: list[dict], key: str, compute: Callable[[],
             logger.warning("%s: unreadable reference cache (%s); recomputing", path, err)
         else:
             if logps.shape == (len(examples), 2):
-                return logps, True
+                return logps, True, 0.0
             logger.warning("%s: holds %s log-probs for %d pairs; recomputing", path, tuple(logps.shape), len(examples))
     start = time.perf_counter()
     logps = compute()
@@ -128,4 +129,4 @@ def cached_reference_logps(examples: list[dict], key: str, compute: Callable[[],
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    return logps, False
+    return logps, False, seconds

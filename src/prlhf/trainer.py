@@ -122,19 +122,16 @@ class PDPOTrainer(_ResumableTrainer):
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evals,
                          processing_class=tokenizer, **kwargs)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
-        self.reference_model = None
         if reference_model is not None:
-            reference_model.requires_grad_(False)
-            reference_model = reference_model.to(self.args.device).eval()
+            reference_model = reference_model.requires_grad_(False).to(self.args.device).eval()
+        self.reference_cache_hits, self.reference_seconds = 0, 0.0
         if args.precompute_ref_log_probs:
             # pi_SFT is the policy itself before any step (or the LoRA base, adapters off): no copy of the weights
-            for name, examples in (("train", train), ("eval", evals)):
-                if examples:
-                    self.precompute_reference(examples, reference_model, name)
+            self.precompute_reference({"train": train, "eval": evals}, reference_model)
+            reference_model = None  # not kept: training reads the precomputed log-probs
         elif reference_model is None and not model.is_lora:
             reference_model = copy.deepcopy(model.llm).requires_grad_(False).eval()
-        if not args.precompute_ref_log_probs:
-            self.reference_model = reference_model
+        self.reference_model = reference_model
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._user_hits = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
 
@@ -151,10 +148,15 @@ class PDPOTrainer(_ResumableTrainer):
 
     # -- reference log-probs, once -------------------------------------------------------------
 
-    def precompute_reference(self, examples: list[dict], reference: torch.nn.Module | None = None, name: str = "train") -> None:
-        """Fill ``ref_logps`` (chosen, rejected) of every tokenized example with log pi_SFT, computed
-        in one pass before training (``reference`` or, when None, this policy's LLM as it is now /
-        its LoRA base) or read from the disk cache (``reference_cache_dir``)."""
+    def precompute_reference(self, datasets: dict[str, list[dict] | None], reference: torch.nn.Module | None = None) -> None:
+        """Fill ``ref_logps`` (chosen, rejected) of every tokenized example of ``datasets`` (name ->
+        examples) with log pi_SFT, computed in one pass before training (``reference`` or, when
+        None, this policy's LLM as it is now / its LoRA base) or read from the disk cache
+        (``reference_cache_dir``). Counts cache hits in ``reference_cache_hits`` and the seconds
+        spent computing in ``reference_seconds``."""
+        datasets = {name: examples for name, examples in datasets.items() if examples}
+        if not datasets:
+            return
         pm: PersonalizedLM = self.accelerator.unwrap_model(self.model)
         module = reference if reference is not None else pm.llm
         tok = self.processing_class
@@ -167,28 +169,32 @@ class PDPOTrainer(_ResumableTrainer):
             with self.compute_loss_context_manager():
                 return pm.reference_pair_logps(batch, reference, full_logits=full_logits, policy_is_reference=True)
 
-        def compute():
-            was_training = pm.training
-            pm.eval()
-            try:
-                return compute_reference_logps(score, examples, self.args.per_device_eval_batch_size, f"reference log-probs ({name})",
-                                               disable_progress=self.args.disable_tqdm)
-            finally:
-                pm.train(was_training)
-
         dtype = str(next(module.parameters()).dtype) + ("+bf16" if self.args.bf16 else "+fp16" if self.args.fp16 else "")
         cache = self.args.reference_cache_dir
         directory = None if cache is not None and cache.lower() == "none" else Path(cache) if cache else default_cache_dir()
-        key = cache_key(fingerprint_module(module), fingerprint_tokenizer(tok), fingerprint_examples(examples), dtype) if directory else ""
+        # the weights and the tokenizer are hashed once for all data sets
+        model_fp, tok_fp = (fingerprint_module(module), fingerprint_tokenizer(tok)) if directory else ("", "")
         meta = {"reference": pm.prlhf_config.reference_model_name_or_path or pm.prlhf_config.base_model_name_or_path,
                 "max_length": self.args.max_length, "max_prompt_length": self.args.max_prompt_length, "dtype": dtype}
-        with self.args.main_process_first(desc=f"reference log-probs ({name})"):
-            logps, hit = cached_reference_logps(examples, key, compute, directory, meta)
-        logger.info("%s: reference log-probs of %d pairs %s", name, len(examples),
-                    f"read from {directory}/{key}.safetensors" if hit else "computed" + (f", cached as {directory}/{key}.safetensors" if directory else ""))
-        self.reference_cache_hits = getattr(self, "reference_cache_hits", 0) + int(hit)
-        for ex, (c, r) in zip(examples, logps.tolist()):
-            ex["ref_logps"] = (c, r)
+        was_training = pm.training
+        pm.eval()
+        try:
+            for name, examples in datasets.items():
+                desc = f"reference log-probs ({name})"
+                key = cache_key(model_fp, tok_fp, fingerprint_examples(examples), dtype) if directory else ""
+                compute = lambda: compute_reference_logps(  # noqa: E731
+                    score, examples, self.args.per_device_eval_batch_size, desc, disable_progress=self.args.disable_tqdm)
+                with self.args.main_process_first(desc=desc):
+                    logps, hit, seconds = cached_reference_logps(examples, key, compute, directory, meta)
+                where = f"{directory}/{key}.safetensors"
+                logger.info("%s: reference log-probs of %d pairs %s", name, len(examples),
+                            f"read from {where}" if hit else f"computed in {seconds:.1f} s" + (f", cached as {where}" if directory else ""))
+                self.reference_cache_hits += int(hit)
+                self.reference_seconds += seconds
+                for ex, (c, r) in zip(examples, logps.tolist()):
+                    ex["ref_logps"] = (c, r)
+        finally:
+            pm.train(was_training)
 
     # -- the objective ------------------------------------------------------------------------
 
@@ -205,21 +211,18 @@ class PDPOTrainer(_ResumableTrainer):
         user_rows = batch["user_rows"]  # (B,)
         B = user_rows.shape[0]
         need_user, need_generic = self.terms_needed(pm)
+        # with both terms, pairs of the generic user itself have equal terms: their generic rows are not run twice
+        selected = user_rows != GENERIC_ROW if need_user and need_generic else None
         terms = [("user", user_rows, None)] if need_user else []
-        if need_generic:
-            # pairs of the generic user itself have equal terms: their generic rows are not run twice
-            selected = user_rows != GENERIC_ROW if need_user else None
-            if selected is None or bool(selected.any()):
-                terms.append(("generic", torch.full_like(user_rows, GENERIC_ROW), selected))
+        if need_generic and (selected is None or bool(selected.any())):
+            terms.append(("generic", torch.full_like(user_rows, GENERIC_ROW), selected))
         # ONE forward pass for every term and every chosen / rejected sequence of the batch
         full_logits = not self.args.response_logits_only
         logps = model(pairs=batch, terms=[(rows, sel) for _, rows, sel in terms], full_logits=full_logits)  # (n, 2B)
         by_name = {name: logps[k] for k, (name, _, _) in enumerate(terms)}
-        if need_user and need_generic:
-            if "generic" not in by_name:
-                by_name["generic"] = by_name["user"]
-            elif terms[-1][2] is not None:
-                by_name["generic"] = torch.where(terms[-1][2].repeat(2), by_name["generic"], by_name["user"])
+        if selected is not None:  # the generic term of generic-user pairs is their user term
+            run = by_name.get("generic")
+            by_name["generic"] = by_name["user"] if run is None else torch.where(selected.repeat(2), run, by_name["user"])
         if "ref_logps" in batch:
             ref = batch["ref_logps"].to(logps.dtype)
         elif self.reference_model is None and not pm.is_lora:

@@ -21,7 +21,6 @@ from pathlib import Path
 from ..data import DataError
 
 
-
 @dataclass
 class Conversion:
     source: str
