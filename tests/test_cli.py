@@ -61,6 +61,16 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
     assert acc["unseen"] == acc["per_user"]["newcomer"]
     assert acc["seen"] >= 0.9  # the two opposite users are both learned, on held-out prompts
 
+    # --generate with --report: the behavioural metrics per method
+    assert main(["eval", "--model", str(out), "--data", str(test), "--train-data", str(train), "--generate", "2",
+                 "--max-new-tokens", "4", "--report", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    method = rep["methods"]["model"]
+    assert 0.0 <= method["flip_rate"] <= 1.0 and method["user_match_chance"] == 0.5
+    assert method["user_match_n"] == 4  # 2 prompts for each of the 2 seen users (the newcomer is unseen)
+    assert rep["n_pairs"] == {"seen": 8, "unseen": 2}
+    assert rep["user_match_data"]["n"] == 8  # the held-out chosen responses of seen users, matched as a ceiling
+
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--user", "long_fan", "--prompt", "Q: the dog\nA:", "--max-new-tokens", "5"]) == 0
     single = capsys.readouterr().out.strip()

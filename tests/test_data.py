@@ -92,4 +92,18 @@ def test_prompt_truncation_keeps_bos_and_the_end_of_the_prompt():
     assert len(ex["prompt_ids"]) == 5 and ex["prompt_ids"][0] == tok.bos_token_id
     assert tok.decode(ex["prompt_ids"][1:]).strip().endswith("ten")
     batch = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, 2)([ex])
-    assert batch["input_ids"].shape[1] <= 64 and batch["implicit_mask"].sum() == 2 * 2
+    assert batch["input_ids"].shape[1] <= 64 + 2 and batch["implicit_mask"].sum() == 2 * 2
+
+
+def test_truncation_does_not_depend_on_the_user_prefix():
+    """max_length counts prompt + response: with or without user tokens and user text, the same
+    response tokens are kept (methods compare on the same tokens and share the reference cache)."""
+    _, tok = tiny_llama()
+    recs = load_preference_data([dict(GOOD, chosen=" word" * 30, rejected=" other" * 25, user_text="I am a nurse")])
+    kept = []
+    for n_user, text in ((0, 0), (4, 0), (4, 16)):
+        settings = TokenizeSettings(max_length=20, max_prompt_length=None, n_user_tokens=n_user, max_user_text_tokens=text)
+        (ex,) = tokenize_dataset(recs, tok, settings, UserRegistry(["u1"]))
+        assert len(ex["prompt_ids"]) + len(ex["chosen_ids"]) == 20
+        kept.append((ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]))
+    assert kept[0] == kept[1] == kept[2]

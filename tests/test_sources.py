@@ -69,6 +69,36 @@ def test_tldr_length_labels_follow_each_users_preference(tmp_path):
     assert all(i["group"] == ("majority" if i["preference"] == "long" else "minority") for i in conv.users.values())
 
 
+def test_tldr_pooled_users_keep_each_workers_preference(tmp_path):
+    """--pool-users: seen workers merged into pools of their own preference, balanced by pair count;
+    every pair keeps the label its worker's preference gives; unseen workers untouched."""
+    path = write_jsonl(tmp_path / "c.jsonl", tldr_rows())
+    plain = convert_tldr(str(path), label="length", long_share=0.5, top_k=4, test_fraction=0.3, seed=3)
+    conv = convert_tldr(str(path), label="length", long_share=0.5, top_k=4, test_fraction=0.3, seed=3, pool_users=2)
+    check_common(conv)
+    pools = {u: i for u, i in conv.users.items() if i["seen"]}
+    assert sorted(pools) == ["long_1", "short_1"]  # round(0.5 * 2) = 1 long pool, 1 short
+    for name, info in pools.items():
+        assert all(plain.users[w]["preference"] == info["preference"] for w in info["workers"])
+        assert info["n_pairs"] == sum(plain.users[w]["n_pairs"] for w in info["workers"])
+    assert sorted(w for i in pools.values() for w in i["workers"]) == sorted(u for u, i in plain.users.items() if i["seen"])
+    assert [u for u, i in conv.users.items() if not i["seen"]] == [u for u, i in plain.users.items() if not i["seen"]]
+    pool_of = {w: name for name, i in pools.items() for w in i["workers"]}
+    by_worker = {(r["worker"], r["post_id"], r["chosen"]): r for r in plain.train + plain.test}
+    for rec in conv.train + conv.test:
+        assert rec["user_id"] == pool_of[rec["worker"]]
+        assert (rec["worker"], rec["post_id"], rec["chosen"]) in by_worker  # same label as without pooling
+    assert split_ids(conv) and len(conv.train) + len(conv.test) == len(plain.train) + len(plain.test)
+
+
+def test_tldr_pooling_needs_length_labels_and_enough_pools(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", tldr_rows())
+    with pytest.raises(ValueError, match="pool_users needs label='length'"):
+        convert_tldr(str(path), label="human", pool_users=2)
+    with pytest.raises(ValueError, match="no pool for"):
+        convert_tldr(str(path), label="length", long_share=0.7, top_k=4, pool_users=1, seed=3)
+
+
 def test_tldr_splits_are_stable_and_seeded(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", tldr_rows())
     a = convert_tldr(str(path), label="length", top_k=3, test_fraction=0.3, seed=5)

@@ -124,7 +124,8 @@ def cmd_eval(argv: list[str]) -> int:
     from .data import load_preference_data
     from .evaluation import evaluate_accuracy, evaluate_generation, load_reference, load_user_groups
     from .modeling import PersonalizedLM
-    from .report import comparison_table, write_report
+    from .report import comparison_table, method_summary, write_report
+    from .user_match import build_matcher, load_match_groups, user_match_rate
 
     p = argparse.ArgumentParser(prog="prlhf eval", description="Implicit-reward accuracy (and generation lengths) "
                                 "of one or several personalized models.")
@@ -134,6 +135,8 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--reference", default=None, help="pi_SFT (default: the one recorded at training time)")
     p.add_argument("--users", default=None, help="users.json of the data (groups for generation lengths)")
     p.add_argument("--generate", type=int, default=0, metavar="N", help="generate for N held-out prompts per user")
+    p.add_argument("--train-data", default=None, help="training pairs whose chosen responses define each user's (or "
+                   "group's) TF-IDF centroid for the user-match rate (default: train.jsonl beside --users)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--report", default=None, help="folder for report.md, report.json, plots and generations.jsonl")
     p.add_argument("--batch-size", type=int, default=8)
@@ -154,6 +157,12 @@ def cmd_eval(argv: list[str]) -> int:
                 kept.append(r)
         records = kept
     groups = load_user_groups(a.users)
+    matcher, match_groups = None, load_match_groups(a.users)
+    train_data = a.train_data or (Path(a.users).with_name("train.jsonl") if a.users else None)
+    if a.generate and train_data is not None and Path(train_data).is_file():
+        matcher = build_matcher(load_preference_data(train_data), match_groups)
+    elif a.generate:
+        logger.warning("no training data for the user-match rate: pass --train-data (or --users beside a train.jsonl)")
     all_metrics, methods, generations, per_user = {}, {}, {}, {}
     for path in a.model:
         name = Path(path).name if Path(path).name not in all_metrics else path
@@ -163,16 +172,18 @@ def cmd_eval(argv: list[str]) -> int:
         pairs = metrics.pop("pairs")
         if a.per_pair:
             metrics["pairs"] = pairs
+        gen = None
         if a.generate:
             gen = evaluate_generation(model, records, a.generate, groups, a.batch_size, a.max_new_tokens,
                                       progress=lambda i, n: logger.info("generated %d/%d", i, n))
+        methods[name] = method_summary(metrics, pairs, gen, groups, matcher, match_groups)
+        if gen is not None:
             generations[name] = gen.pop("generations")
             metrics["generation"] = gen
-        acc = metrics["accuracy"]
-        methods[name] = {"accuracy": {k: acc[k] for k in ("seen", "generic", "unseen")},
-                         "accuracy_ci": {k: acc["ci"][k] for k in ("seen", "generic", "unseen")},
-                         "length": metrics.get("generation", {}).get("length", {})}
-        per_user[name] = acc["per_user"]
+        for key in ("flip_rate", "flip_rate_ci", "flip_rate_by_group", "user_match", "user_match_ci", "user_match_chance"):
+            if key in methods[name]:
+                metrics[key] = methods[name][key]
+        per_user[name] = metrics["accuracy"]["per_user"]
         all_metrics[name] = metrics
         print(f"{name}: pairs {metrics['n_pairs']} (seen {metrics['n']['seen']}, unseen {metrics['n']['unseen']})")
         del model, reference
@@ -187,7 +198,14 @@ def cmd_eval(argv: list[str]) -> int:
         Path(a.output).write_text(json.dumps(out, indent=1))
         print(f"\nwrote {a.output}")
     if a.report:
-        write_report(a.report, {"methods": methods, "metrics": all_metrics}, generations or None, per_user, groups,
+        first = next(iter(methods.values()))
+        extra = {}
+        if matcher is not None:  # the held-out chosen responses themselves: what a perfect model's text would score
+            extra["user_match_data"] = user_match_rate(matcher, [{"user_id": r["user_id"], "response": r["chosen"]}
+                                                                 for r in records], match_groups)
+        write_report(a.report, {"methods": methods, "metrics": all_metrics, "data": a.data, "n_pairs": first["n_pairs"],
+                                **extra},
+                     generations or None, per_user, groups,
                      title="prlhf eval", preamble=f"Data: {', '.join(a.data)}.")
         print(f"wrote {a.report}/report.md")
     return 0
@@ -299,6 +317,9 @@ def _data_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-k", type=int, default=10, help="the k most frequent workers are seen users (0: all)")
     t.add_argument("--sft-only", action="store_true", help="keep comparisons of two supervised (sup, not ppo) policies")
     t.add_argument("--max-prompt-chars", type=int, default=None, help="truncate posts to this many characters")
+    t.add_argument("--pool-users", type=int, default=None, metavar="N",
+                   help="merge the seen workers into N pooled users of their preference (--label length): "
+                        "more pairs per user")
     t.add_argument("--hub-split", default="validation", help="split of the hub data set")
     ps = src.add_parser("psoups", help="P-SOUPS: RLPHF P1A.json ... P3B.json, or uid/prompt/chosen/rejected rows")
     common(ps)

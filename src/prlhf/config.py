@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .losses import LOSS_TYPES
-from .user_models import CLUSTER_WEIGHTINGS, USER_INITS, USER_MODELS
+from .user_models import CLUSTER_WEIGHTINGS, OFFSET_INITS, USER_INITS, USER_MODELS
 
 
 def _f(default, help: str, **kw):
@@ -26,8 +26,9 @@ class PrlhfArguments(TrainingArguments):
                                  "'tiny-llama' and 'smollm2-135m-instruct'.")
     train_file: str | None = _f(None, "Training preference pairs (JSONL or JSON list of canonical records).")
     eval_file: str | None = _f(None, "Evaluation preference pairs, same format.")
-    max_length: int | None = _f(512, "Maximum tokens per sequence: user prefix, prompt and response together. "
-                                "Responses are truncated to fit.")
+    max_length: int | None = _f(512, "Maximum prompt + response tokens per sequence; responses are truncated to fit. "
+                                "The user prefix (T_u vectors and the user's text) comes on top, so every user model "
+                                "(and vanilla DPO) scores the same response tokens.")
     max_prompt_length: int | None = _f(256, "Maximum prompt tokens (BOS included); longer prompts keep their end.")
     padding_side: str = _f("right", "Padding side of training batches ('right' or 'left'); log-probs do not depend on it.")
     use_lora: bool = _f(False, "Train LoRA adapters instead of all LLM weights; the reference is then the base "
@@ -75,6 +76,9 @@ class PDPOConfig(PrlhfArguments):
                                 "('softmax': convex mix; 'linear': unnormalised low-rank factors).")
     user_init: str = _f("vocab", f"User-embedding initialisation: one of {USER_INITS} ('vocab': copies of random "
                         "token embeddings, as the authors' code; 'random': small Gaussian).")
+    user_offset_init: str = _f("zero", f"Initial per-user offsets o_u of the individual user model: one of {OFFSET_INITS} "
+                               "('zero': every user starts as the generic user; 'vocab': copies of random token "
+                               "embeddings, as the authors' code; 'random': Gaussian at the token embeddings' scale).")
     max_user_text_tokens: int = _f(128, "Explicit user model: tokens of the user's text kept (0 disables it).")
     user_learning_rate: float | None = _f(None, "Learning rate of the user model (default: learning_rate).")
     user_id_in_prompt: bool = _f(False, "Baseline: write the user id into the prompt text (user_id_prompt) "
@@ -101,6 +105,8 @@ class PDPOConfig(PrlhfArguments):
                                          "memory only.")
     response_logits_only: bool = _f(True, "Apply the LM head at response positions only; False computes logits and "
                                     "log-softmax at every position (as the authors' code does).")
+    disable_dropout: bool = _f(True, "Disable dropout in the policy and the reference (as TRL does), so that "
+                               "log-probs, rewards and the loss are deterministic.")
     log_per_user_max: int = _f(20, "Log per-user training accuracy when there are at most this many users.")
     learning_rate: float = _f(5e-6, "Learning rate of the LLM (AdamW).")
 
@@ -113,6 +119,8 @@ class PDPOConfig(PrlhfArguments):
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}")
+        if self.user_offset_init not in OFFSET_INITS:
+            raise ValueError(f"user_offset_init must be one of {OFFSET_INITS}, got {self.user_offset_init!r}")
         if self.user_model != "none" and not 1 <= self.n_user_tokens <= 64:
             raise ValueError(f"n_user_tokens must be between 1 and 64, got {self.n_user_tokens}")
         super().__post_init__()

@@ -176,7 +176,7 @@ def tokenize_response(tokenizer, prompt, response) -> tuple[list[int], list[int]
 
 @dataclass
 class TokenizeSettings:
-    max_length: int | None = 1024  # whole sequence, user prefix included
+    max_length: int | None = 1024  # prompt + response; the user prefix (implicit vectors, user text) comes on top
     max_prompt_length: int | None = 512  # prompt tokens (BOS included); longer prompts keep their end
     max_user_text_tokens: int = 128
     n_user_tokens: int = 0  # implicit slots (0 when there is no implicit user model)
@@ -215,7 +215,8 @@ def tokenize_pair(rec: dict, tokenizer, settings: TokenizeSettings, user_row: in
     if settings.max_prompt_length is not None:
         prompt_ids = _truncate_prompt(prompt_ids, settings.max_prompt_length, tokenizer.bos_token_id)
     if settings.max_length is not None:
-        room = settings.max_length - len(prompt_ids) - len(text_ids) - settings.n_user_tokens
+        # the user prefix is not counted: every user model (and vanilla DPO) scores the same response tokens
+        room = settings.max_length - len(prompt_ids)
         if room <= 0:
             return None
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]

@@ -22,9 +22,10 @@ from .data import load_preference_data
 from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups
 from .modeling import PersonalizationConfig, PersonalizedLM
 from .models import load_model_and_tokenizer
-from .report import comparison_table, write_report
+from .report import comparison_table, method_summary, write_report
 from .sources import synthesize, write_conversion
 from .trainer import PDPOTrainer, PSFTTrainer
+from .user_match import build_matcher
 from .users import UserRegistry
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
     unseen = load_preference_data(data_dir / "unseen.jsonl")
     eval_records = test + unseen
     share = majority_share(test)
+    matcher = build_matcher(load_preference_data(data_dir / "train.jsonl"), groups)
 
     step("SFT: prompt -> chosen, no user input (pi_SFT, the reference of every method)")
     sft = PSFTTrainer(args=PSFTConfig(model_name_or_path="tiny-llama", output_dir=str(out / "sft"),
@@ -98,15 +100,9 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
         acc = evaluate_accuracy(model, eval_records, reference, batch_size=32, max_length=128, max_prompt_length=32)
         gen = evaluate_generation(model, eval_records, n_per_user=generate_per_user, groups=groups, batch_size=32,
                                   max_new_tokens=60)
-        a = acc["accuracy"]
-        report["methods"][name] = {
-            "accuracy": {k: a[k] for k in ("seen", "generic", "unseen")},
-            "accuracy_ci": {k: a["ci"][k] for k in ("seen", "generic", "unseen")},
-            "accuracy_per_user_mean": {k: a["per_user_mean"][k]["mean"] for k in ("seen", "unseen")},
-            "length": gen["length"],
-        }
+        report["methods"][name] = method_summary(acc, acc["pairs"], gen, groups, matcher, groups)
         generations[name] = gen["generations"]
-        per_user[name] = {u: v for u, v in a["per_user"].items()}
+        per_user[name] = dict(acc["accuracy"]["per_user"])
 
     # the SFT model itself: policy = reference, every pair a tie
     llm, tok = load_model_and_tokenizer(sft_dir)

@@ -149,13 +149,13 @@ def evaluate_accuracy(model: PersonalizedLM, records: list[dict], reference=None
 
 def load_reference(model: PersonalizedLM, reference: str | None = None, trust_remote_code: bool = False):
     """pi_SFT for a saved model: the given path, else the one recorded at training time; None
-    for LoRA models (their base with adapters disabled)."""
+    for LoRA models trained without a reference (their base with adapters disabled)."""
     from .models import load_model_and_tokenizer
 
-    path = reference or (None if model.is_lora else model.prlhf_config.reference_model_name_or_path)
+    path = reference or model.prlhf_config.reference_model_name_or_path
     if path is None:
         if model.is_lora:
-            return None
+            return None  # its base with the adapters disabled, as in training
         raise ValueError("this model records no reference model: pass --reference PATH (the SFT model)")
     ref, _ = load_model_and_tokenizer(path, trust_remote_code=trust_remote_code)
     return ref.to(model.device).eval()

@@ -57,6 +57,7 @@ class PersonalizationConfig:
     n_clusters: int = 10
     cluster_weighting: str = "softmax"
     user_init: str = "vocab"
+    user_offset_init: str = "zero"
     max_user_text_tokens: int = 128
     use_lora: bool = False
     reference_model_name_or_path: str | None = None  # pi_SFT; None with LoRA: the base, adapters disabled
@@ -222,7 +223,7 @@ class PersonalizedLM(nn.Module):
         table = llm.get_input_embeddings().weight
         user_model = build_user_model(
             config.user_model, registry.n_rows, config.n_user_tokens, table.shape[1], config.n_clusters,
-            config.cluster_weighting, config.user_init, table, config.seed,
+            config.cluster_weighting, config.user_init, table, config.seed, config.user_offset_init,
         )
         if config.use_lora:
             from peft import LoraConfig, get_peft_model

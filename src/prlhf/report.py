@@ -9,6 +9,37 @@ from pathlib import Path
 ACCURACY_KEYS = ("seen", "generic", "unseen")
 
 
+def method_summary(metrics: dict, pairs: list[dict], generation: dict | None = None, groups: dict[str, str] | None = None,
+                   matcher=None, match_groups: dict[str, str] | None = None) -> dict:
+    """What a report says of one method: accuracy (with CIs) from ``evaluate_accuracy``'s
+    ``metrics`` and ``pairs``, the user-swap flip rate (overall and per group), and, when
+    ``generation`` (from ``evaluate_generation``) is given, words per group and the user-match
+    rate of the generations (``matcher``: a ``NearestCentroidMatcher``)."""
+    from .user_match import flip_rate, user_match_rate
+
+    acc = metrics["accuracy"]
+    flips = flip_rate(pairs, groups)
+    out = {
+        "accuracy": {k: acc[k] for k in ACCURACY_KEYS},
+        "accuracy_ci": {k: acc["ci"][k] for k in ACCURACY_KEYS},
+        "accuracy_per_user_mean": {k: acc["per_user_mean"][k]["mean"] for k in ("seen", "unseen")},
+        "n_pairs": {"seen": metrics["n"]["seen"], "unseen": metrics["n"]["unseen"]},
+        "flip_rate": flips["rate"],
+        "flip_rate_ci": flips["ci"],
+        "flip_rate_by_group": flips["per_group"],
+        "length": {},
+    }
+    if generation is not None:
+        out["length"] = generation["length"]
+        out["length_ci"] = generation["length_ci"]
+        if matcher is not None:
+            match = user_match_rate(matcher, generation["generations"], match_groups)
+            out.update(user_match=match["rate"], user_match_ci=match["ci"], user_match_chance=match["chance"],
+                       user_match_n=match["n"], user_match_per_label=match["per_label"],
+                       user_match_unseen_assigned=match["assigned_unknown"])
+    return out
+
+
 def _f(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -18,16 +49,23 @@ def _ci(ci) -> str:
 
 
 def comparison_table(methods: dict[str, dict]) -> str:
-    """One row per method: accuracy (seen / generic / unseen, with 95% CIs) and mean generated
-    words per user group."""
+    """One row per method: accuracy (seen / generic / unseen, with 95% CIs), mean generated words
+    per user group, and the flip and user-match rates when measured."""
     groups = sorted({g for m in methods.values() for g in m.get("length", {})},
                     key=lambda g: ({"majority": 0, "minority": 1, "unseen": 3}.get(g, 2), g))
+    match = any(m.get("user_match") is not None for m in methods.values())
+    flips = any(m.get("flip_rate") is not None for m in methods.values())
     head = ["method"] + [f"acc {k}" for k in ACCURACY_KEYS] + [f"words {g}" for g in groups]
+    head += ["flip rate"] * flips + ["user match"] * match
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         acc, ci = m.get("accuracy", {}), m.get("accuracy_ci", {})
         cells = [name] + [_f(acc.get(k)) + _ci(ci.get(k)) for k in ACCURACY_KEYS]
         cells += [_f(m.get("length", {}).get(g), 1) for g in groups]
+        if flips:
+            cells.append(_f(m.get("flip_rate")))
+        if match:
+            cells.append(_f(m.get("user_match")) + _ci(m.get("user_match_ci")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -104,3 +142,25 @@ def write_report(out_dir: str | Path, report: dict, generations: dict[str, list[
         md += ["![accuracy per user](accuracy_per_user.png)", ""]
     paths["md"].write_text("\n".join(md))
     return paths
+
+
+def stamp_runtime(report_json: str | Path, since: float) -> float:
+    """Record ``runtime_seconds`` (now - ``since``, a Unix time) in a written ``report.json``; the
+    recipes call it last (``python -m prlhf.report OUT/report.json --runtime-since START``)."""
+    import time
+
+    path = Path(report_json)
+    report = json.loads(path.read_text())
+    report["runtime_seconds"] = float(time.time() - since)
+    path.write_text(json.dumps(report, indent=1))
+    return report["runtime_seconds"]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m prlhf.report", description="Stamp a recipe's wall time into report.json.")
+    ap.add_argument("report_json")
+    ap.add_argument("--runtime-since", type=float, required=True, help="Unix time the recipe started")
+    a = ap.parse_args()
+    print(f"runtime {stamp_runtime(a.report_json, a.runtime_since):.0f} s, recorded in {a.report_json}")

@@ -56,6 +56,7 @@ def personalization_config(args: PDPOConfig) -> PersonalizationConfig:
         n_clusters=args.n_clusters,
         cluster_weighting=args.cluster_weighting,
         user_init=args.user_init,
+        user_offset_init=args.user_offset_init,
         max_user_text_tokens=args.max_user_text_tokens,
         use_lora=args.use_lora,
         user_id_prompt=args.user_id_prompt if args.user_id_in_prompt else None,
@@ -72,6 +73,18 @@ class _ResumableTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-N folder")
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def disable_dropout(module: torch.nn.Module) -> None:
+    """Turn off every dropout of a model (``nn.Dropout`` modules, LoRA's included, and the
+    attention dropout rates that attention layers read from their config), as TRL's
+    ``disable_dropout`` does: the policy's and the reference's log-probs are then deterministic."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
 
 
 def _load_records(source, what: str):
@@ -111,12 +124,14 @@ class PDPOTrainer(_ResumableTrainer):
         evals = tokenize_dataset(eval_records, tokenizer, settings, model.registry, args.eval_file or "eval_dataset") if eval_records else None
 
         ref_path = args.reference_model_name_or_path
-        if reference_model is None and not model.is_lora and ref_path is not None:
+        if reference_model is None and ref_path is not None:  # with LoRA too: the given pi_SFT, not the base
             reference_model, _ = load_model_and_tokenizer(ref_path, trust_remote_code=args.trust_remote_code)
-        if ref_path is not None:  # recorded for `prlhf eval`
-            model.prlhf_config.reference_model_name_or_path = _portable_path(ref_path)
-        elif not model.is_lora:  # the policy's starting point is pi_SFT
-            model.prlhf_config.reference_model_name_or_path = model.prlhf_config.base_model_name_or_path
+        # recorded for `prlhf eval`, which must score against the reference that training used
+        model.prlhf_config.reference_model_name_or_path = self._reference_record(model, reference_model, ref_path)
+        if args.disable_dropout:
+            disable_dropout(model)
+            if reference_model is not None:
+                disable_dropout(reference_model)
         collator = PreferenceCollator(tokenizer.pad_token_id, tokenizer.bos_token_id, model.n_implicit_tokens, args.padding_side,
                                       packing=args.packing)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evals,
@@ -124,6 +139,9 @@ class PDPOTrainer(_ResumableTrainer):
         self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
         if reference_model is not None:
             reference_model = reference_model.requires_grad_(False).to(self.args.device).eval()
+        # a reference passed in as an object stays available to evaluation after training (the
+        # caller holds it anyway); one loaded here from a path is reloaded for evaluation instead
+        self._given_reference = reference_model if ref_path is None else None
         self.reference_cache_hits, self.reference_seconds = 0, 0.0
         if args.precompute_ref_log_probs:
             # pi_SFT is the policy itself before any step (or the LoRA base, adapters off): no copy of the weights
@@ -135,13 +153,35 @@ class PDPOTrainer(_ResumableTrainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._user_hits = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
 
+    @staticmethod
+    def _reference_record(model: PersonalizedLM, reference_model, ref_path: str | None) -> str | None:
+        """What ``prlhf_config.reference_model_name_or_path`` records: the given path; for a reference
+        object, the folder or hub id it was loaded from (None, with a warning, when it has none);
+        None for LoRA without a reference (its base, adapters disabled); else the base model, the
+        policy's starting point."""
+        if ref_path is not None:
+            return _portable_path(ref_path)
+        if reference_model is not None:
+            name = getattr(reference_model, "name_or_path", None) or getattr(getattr(reference_model, "config", None), "_name_or_path", None)
+            if not name:
+                logger.warning("the reference model passed to PDPOTrainer records no name_or_path: the saved model "
+                               "cannot name its reference, so `prlhf eval` will need --reference")
+                return None
+            return _portable_path(name)
+        return None if model.is_lora else model.prlhf_config.base_model_name_or_path
+
     def reference_for_eval(self) -> torch.nn.Module | None:
-        """pi_SFT for ``evaluate_accuracy`` after training: the reference the trainer holds, None for
-        LoRA (adapters disabled), else the recorded reference model loaded afresh (training with
-        precomputed reference log-probs keeps no copy of it)."""
+        """pi_SFT for ``evaluate_accuracy`` after training, the one training used: the reference the
+        trainer holds or was given, None for LoRA without a reference (adapters disabled), else the
+        recorded reference model loaded afresh (training with precomputed reference log-probs keeps
+        no copy of it)."""
         pm: PersonalizedLM = self.accelerator.unwrap_model(self.model)
-        if self.reference_model is not None or pm.is_lora:
+        if self.reference_model is not None:
             return self.reference_model
+        if self._given_reference is not None:
+            return self._given_reference
+        if pm.is_lora and pm.prlhf_config.reference_model_name_or_path is None:
+            return None
         from .evaluation import load_reference
 
         return load_reference(pm, trust_remote_code=self.args.trust_remote_code)

@@ -27,6 +27,7 @@ from torch import nn
 USER_MODELS = ("none", "uniform", "individual", "cluster")
 CLUSTER_WEIGHTINGS = ("softmax", "linear")
 USER_INITS = ("vocab", "random")
+OFFSET_INITS = ("zero", "vocab", "random")
 
 
 def _init_vectors(shape: tuple[int, ...], init: str, token_embeddings: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
@@ -76,13 +77,23 @@ class UniformUserModel(ImplicitUserModel):
 
 
 class IndividualUserModel(ImplicitUserModel):
-    """e_u = e_0 + o_u. Offsets start at zero, so a new user starts as the generic user."""
+    """e_u = e_0 + o_u. ``offset_init``: ``zero`` (default) starts every user as the generic user;
+    ``vocab`` (as the authors' code) or ``random`` start each user at its own offset, so users
+    differ from the first step and the LLM can learn to tell them apart at once."""
 
-    def __init__(self, n_rows, n_tokens, hidden_size, init="vocab", token_embeddings=None, generator=None):
+    def __init__(self, n_rows, n_tokens, hidden_size, init="vocab", token_embeddings=None, generator=None,
+                 offset_init="zero"):
         super().__init__(n_rows, n_tokens, hidden_size)
         g = generator or torch.Generator().manual_seed(0)
         self.generic = nn.Parameter(_init_vectors((n_tokens, hidden_size), init, token_embeddings, g))  # e_0 (T_u, d)
-        self.offsets = nn.Parameter(torch.zeros(n_rows - 1, n_tokens, hidden_size))  # o_1..o_n (n, T_u, d)
+        shape = (n_rows - 1, n_tokens, hidden_size)
+        if offset_init == "zero":
+            offsets = torch.zeros(shape)
+        elif offset_init in USER_INITS:
+            offsets = _init_vectors(shape, offset_init, token_embeddings, g)
+        else:
+            raise ValueError(f"user_offset_init must be one of {OFFSET_INITS}, got {offset_init!r}")
+        self.offsets = nn.Parameter(offsets)  # o_1..o_n (n, T_u, d)
 
     def forward(self, user_rows: torch.Tensor) -> torch.Tensor:
         self._check(user_rows)
@@ -137,6 +148,7 @@ def build_user_model(
     init: str = "vocab",
     token_embeddings: torch.Tensor | None = None,
     seed: int = 0,
+    offset_init: str = "zero",
 ) -> ImplicitUserModel | None:
     """The implicit user model named by ``kind`` (``none`` gives no implicit part)."""
     g = torch.Generator().manual_seed(seed)
@@ -145,7 +157,7 @@ def build_user_model(
     if kind == "uniform":
         return UniformUserModel(n_rows, n_tokens, hidden_size, init, token_embeddings, g)
     if kind == "individual":
-        return IndividualUserModel(n_rows, n_tokens, hidden_size, init, token_embeddings, g)
+        return IndividualUserModel(n_rows, n_tokens, hidden_size, init, token_embeddings, g, offset_init)
     if kind == "cluster":
         return ClusterUserModel(n_rows, n_tokens, hidden_size, n_clusters, cluster_weighting, init, token_embeddings, g)
     raise ValueError(f"user_model must be one of {USER_MODELS}, got {kind!r}")

@@ -14,6 +14,14 @@ Labels:
 
 The ``top_k`` most frequent workers are the seen users (ties broken by id); the others are
 unseen. Held-out pairs of seen users (``test``) are chosen by post, so no test post is trained on.
+
+``pool_users`` = N (``--label length`` only) merges the seen workers into N pooled users
+(``long_1``, ..., ``short_1``, ...): round(long_share * N) pools prefer longer summaries, the
+rest shorter, and each worker joins the pool of its preference that holds the fewest pairs so
+far (largest workers first). Since the length labels are synthetic, a pooled user is a user
+like any other, with more pairs: batch 13 gives its top-10 workers about 57 pairs each, the
+paper's workers have thousands. ``users.json`` lists each pool's member workers; unseen
+workers stay as they are.
 """
 
 from __future__ import annotations
@@ -70,16 +78,20 @@ def _is_supervised(policy: str | None) -> bool:
 
 def convert_tldr(input: str, label: str = "human", long_share: float = 0.7, top_k: int | None = 10,
                  sft_only: bool = False, max_prompt_chars: int | None = None, test_fraction: float = 0.1,
-                 seed: int = 0, length_unit: str = "words", hub_split: str = "validation") -> Conversion:
+                 seed: int = 0, length_unit: str = "words", hub_split: str = "validation",
+                 pool_users: int | None = None) -> Conversion:
     if label not in ("human", "length"):
         raise ValueError(f"label must be 'human' or 'length', got {label!r}")
+    if pool_users is not None and (label != "length" or pool_users < 1):
+        raise ValueError(f"pool_users needs label='length' and a positive number of pools, got {pool_users!r} "
+                         f"with label={label!r}")
     if length_unit not in ("words", "chars"):
         raise ValueError(f"length_unit must be 'words' or 'chars', got {length_unit!r}")
     path = Path(input)
     rows = read_records(path) if path.exists() else load_hub_dataset(input, "comparisons", hub_split)
     conv = Conversion("tldr", read=len(rows), options=dict(
         label=label, long_share=long_share, top_k=top_k, sft_only=sft_only, max_prompt_chars=max_prompt_chars,
-        test_fraction=test_fraction, seed=seed, length_unit=length_unit))
+        test_fraction=test_fraction, seed=seed, length_unit=length_unit, pool_users=pool_users))
 
     kept = []
     for i, row in enumerate(rows):
@@ -112,9 +124,11 @@ def convert_tldr(input: str, label: str = "human", long_share: float = 0.7, top_
                 pref = "long" if k < n_long else "short"
                 conv.users[u].update(preference=pref, group="majority" if pref == majority else "minority")
 
+    pool_of = _pool_workers(conv, counts, seen, long_share, pool_users) if pool_users else {}
+
     for row in kept:
         a, b = row["summaries"]
-        user = row["worker"]
+        user = pool_of.get(row["worker"], row["worker"])
         if label == "human":
             win = row["choice"]
         else:
@@ -129,7 +143,41 @@ def convert_tldr(input: str, label: str = "human", long_share: float = 0.7, top_
             "user_text": None,
             "post_id": row["info"].get("id"),
             "policies": [chosen.get("policy"), rejected.get("policy")],
+            "worker": row["worker"],
             "worker_choice_agrees": (win == row.get("choice")) if row.get("choice") in (0, 1) else None,
         }
         assign_split(conv, rec, str(row["info"].get("id") or rec["prompt"]), test_fraction, seed)
     return conv
+
+
+def _pool_workers(conv: Conversion, counts: Counter, seen: set[str], long_share: float, n_pools: int) -> dict[str, str]:
+    """Merge the seen workers into ``n_pools`` pooled users of their own preference; returns worker -> pool
+    and replaces the seen workers' entries of ``conv.users`` by the pools'."""
+    majority = "long" if long_share >= 0.5 else "short"
+    n_long = round(long_share * n_pools)
+    sizes = {"long": n_long, "short": n_pools - n_long}
+    workers = {p: sorted((u for u in seen if conv.users[u]["preference"] == p), key=lambda u: (-counts[u], u))
+               for p in sizes}
+    for pref, n in sizes.items():
+        if n and not workers[pref]:
+            raise ValueError(f"pool_users={n_pools}: {n} pooled user(s) prefer {pref} summaries but no seen worker "
+                             f"does; raise top_k or change long_share")
+        if workers[pref] and not n:
+            raise ValueError(f"pool_users={n_pools} leaves no pool for the {len(workers[pref])} seen worker(s) who "
+                             f"prefer {pref} summaries; raise pool_users")
+    pool_of: dict[str, str] = {}
+    others = {u: info for u, info in conv.users.items() if u not in seen}
+    conv.users.clear()  # pooled users first, then the unseen workers
+    for pref, n in sizes.items():
+        pools = [f"{pref}_{k + 1}" for k in range(n)]
+        load = dict.fromkeys(pools, 0)
+        for u in workers[pref]:
+            target = min(pools, key=lambda p: (load[p], p))
+            load[target] += counts[u]
+            pool_of[u] = target
+        for p in pools:
+            members = [u for u in workers[pref] if pool_of[u] == p]
+            conv.users[p] = {"seen": True, "n_pairs": 0, "preference": pref,
+                             "group": "majority" if pref == majority else "minority", "workers": members}
+    conv.users.update(others)
+    return pool_of
