@@ -64,3 +64,37 @@ def test_comparison_table_lists_methods_and_groups():
     assert lines[0] == "| method | acc seen | acc generic | acc unseen | words majority | words minority | words unseen |"
     assert lines[2] == "| dpo | 0.700 [0.60, 0.80] | 0.700 | - | 30.0 | - | 29.0 |"
     assert lines[3].startswith("| pdpo | 1.000 |")
+
+
+def test_models_with_the_same_reference_share_its_scores():
+    """Two models from one base (vanilla and personalized, LoRA): the shared reference cache gives
+    the same accuracies as scoring each alone, and the second model adds no reference entries."""
+    from conftest import build_model, two_user_records
+    from prlhf.evaluation import evaluate_accuracy, reference_identity
+
+    records = two_user_records(n_prompts=3, users=("a", "b"))
+    plain = build_model("none", users=("a", "b"), use_lora=True)
+    personal = build_model("individual", users=("a", "b"), use_lora=True)
+    assert reference_identity(plain) == reference_identity(personal)
+    alone = [evaluate_accuracy(m, records, None, max_length=64) for m in (plain, personal)]
+    cache: dict = {}
+    shared = [evaluate_accuracy(m, records, None, max_length=64, ref_cache=cache) for m in (plain, personal)]
+    assert len(cache) == len(records)
+    for a, b in zip(alone, shared):
+        assert [p["margin"] for p in a["pairs"]] == pytest.approx([p["margin"] for p in b["pairs"]], abs=1e-5)
+    baseline = build_model("none", users=("a", "b"), use_lora=True, user_id_prompt="[user: {user_id}]\n")
+    assert reference_identity(baseline) != reference_identity(plain)  # other prompts: other reference scores
+
+
+def test_paired_difference_by_hand():
+    from prlhf.evaluation import paired_difference
+
+    base = [{"index": i, "seen": True, "correct": c} for i, c in enumerate([1.0, 0.0, 0.0, 1.0])]
+    base.append({"index": 9, "seen": False, "correct": 0.0})
+    model = [{"index": i, "seen": True, "correct": c} for i, c in enumerate([1.0, 1.0, 0.5, 1.0])]
+    model.append({"index": 9, "seen": False, "correct": 1.0})
+    d = paired_difference(model, base)
+    assert d["mean"] == pytest.approx((0 + 1 + 0.5 + 0) / 4) and d["n"] == 4
+    assert 0.0 <= d["ci"][0] <= d["mean"] <= d["ci"][1] <= 1.0  # every pair gains or ties: the interval is >= 0
+    assert paired_difference(model, base, "unseen")["mean"] == 1.0
+    assert paired_difference(model, [], "seen") is None

@@ -161,3 +161,19 @@ def test_lora_save_load_round_trip(tmp_path):
     base, _ = tiny_llama()
     assert torch.allclose(ref, model.reference_logps(batch, base), atol=1e-5)
     assert not torch.allclose(ref, model.reference_logps(batch, model.llm), atol=1e-3)
+
+
+@pytest.mark.parametrize("offset_init", ["zero", "vocab", "random"])
+def test_offset_init_decides_whether_users_start_apart(offset_init):
+    """zero offsets: every user starts as the generic user e_0; vocab / random: each user starts at
+    its own embedding, at the token embeddings' scale."""
+    model = build_model("individual", users=("a", "b"), randomize=False, user_offset_init=offset_init)
+    rows = torch.tensor([0, 1, 2])
+    e = model.user_model(rows)  # (3, T_u, d)
+    if offset_init == "zero":
+        assert torch.equal(e[1], e[0]) and torch.equal(e[2], e[0])
+    else:
+        assert not torch.allclose(e[1], e[0]) and not torch.allclose(e[1], e[2])
+        table = model.llm.get_input_embeddings().weight
+        ratio = float(model.user_model.offsets.std() / table.std())
+        assert 0.5 < ratio < 2.0

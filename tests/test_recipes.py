@@ -61,10 +61,11 @@ def test_documented_commands_run_as_written(tmp_path, monkeypatch):
     for rel in sorted(set(re.findall(r"(?:data|outputs)/[\w./-]+\.jsonl", texts))):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(tmp_path / rel, records)
-    sft, train = [], []
+    sft, train = [], []  # each distinct command once: every SFT step first, then the training runs
     for path in yaml_recipes():
         for cmd in documented_commands(path):
-            (sft if cmd[0] == "sft" else train).append(cmd) if cmd not in sft + train else None
+            if cmd not in sft + train:
+                (sft if cmd[0] == "sft" else train).append(cmd)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PRLHF_REFERENCE_CACHE", str(tmp_path / "refcache"))
     (tmp_path / "recipes").symlink_to(RECIPES)
@@ -102,6 +103,7 @@ def check_contract(report: dict, lengths: bool) -> None:
         if lengths:
             assert set(m["length"]) >= {"majority", "minority", "unseen"}
     assert report["methods"]["dpo"]["flip_rate"] == 0.0  # vanilla DPO cannot tell users apart
+    assert report["methods"]["pdpo_individual"]["accuracy_difference"]["vs"] == "dpo"
     assert report["n_pairs"]["seen"] > 0
 
 

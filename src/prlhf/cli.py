@@ -122,7 +122,8 @@ def _fmt(x) -> str:
 
 def cmd_eval(argv: list[str]) -> int:
     from .data import load_preference_data
-    from .evaluation import evaluate_accuracy, evaluate_generation, load_reference, load_user_groups
+    from .evaluation import (evaluate_accuracy, evaluate_generation, load_reference, load_user_groups, paired_difference,
+                             reference_identity)
     from .modeling import PersonalizedLM
     from .report import comparison_table, method_summary, write_report
     from .user_match import build_matcher, load_match_groups, user_match_rate
@@ -163,12 +164,15 @@ def cmd_eval(argv: list[str]) -> int:
         matcher = build_matcher(load_preference_data(train_data), match_groups)
     elif a.generate:
         logger.warning("no training data for the user-match rate: pass --train-data (or --users beside a train.jsonl)")
-    all_metrics, methods, generations, per_user = {}, {}, {}, {}
+    all_metrics, methods, generations, per_user, ref_caches = {}, {}, {}, {}, {}
+    baseline = None  # (name, per-pair results) of the first model
     for path in a.model:
         name = Path(path).name if Path(path).name not in all_metrics else path
         model = PersonalizedLM.from_pretrained(path)
         reference = load_reference(model, a.reference)
-        metrics = evaluate_accuracy(model, records, reference, a.batch_size, a.max_length, a.max_prompt_length)
+        # models with the same reference score it once (vanilla DPO and P-DPO from the same pi_SFT)
+        ref_cache = ref_caches.setdefault(reference_identity(model, a.reference), {})
+        metrics = evaluate_accuracy(model, records, reference, a.batch_size, a.max_length, a.max_prompt_length, ref_cache)
         pairs = metrics.pop("pairs")
         if a.per_pair:
             metrics["pairs"] = pairs
@@ -177,6 +181,11 @@ def cmd_eval(argv: list[str]) -> int:
             gen = evaluate_generation(model, records, a.generate, groups, a.batch_size, a.max_new_tokens,
                                       progress=lambda i, n: logger.info("generated %d/%d", i, n))
         methods[name] = method_summary(metrics, pairs, gen, groups, matcher, match_groups)
+        if baseline is None:
+            baseline = (name, pairs)
+        else:  # accuracy gained over the first --model on the same pairs, paired bootstrap interval
+            methods[name]["accuracy_difference"] = {"vs": baseline[0], **{
+                group: paired_difference(pairs, baseline[1], group) for group in ("seen", "unseen")}}
         if gen is not None:
             generations[name] = gen.pop("generations")
             metrics["generation"] = gen

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import PDPOConfig, PSFTConfig
 from .data import load_preference_data
-from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups
+from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups, reference_identity
 from .modeling import PersonalizationConfig, PersonalizedLM
 from .models import load_model_and_tokenizer
 from .report import comparison_table, method_summary, write_report
@@ -93,11 +93,13 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
     reference.eval()
 
     report = {"runtime_seconds": None, "majority_share": share, "seed": seed, "methods": {}}
-    generations, per_user = {}, {}
+    generations, per_user, ref_caches = {}, {}, {}
 
     def evaluate(name: str, model: PersonalizedLM) -> None:
         step(f"evaluate {name}: implicit-reward accuracy and generation")
-        acc = evaluate_accuracy(model, eval_records, reference, batch_size=32, max_length=128, max_prompt_length=32)
+        ref_cache = ref_caches.setdefault(reference_identity(model), {})  # the SFT reference, scored once
+        acc = evaluate_accuracy(model, eval_records, reference, batch_size=32, max_length=128, max_prompt_length=32,
+                                ref_cache=ref_cache)
         gen = evaluate_generation(model, eval_records, n_per_user=generate_per_user, groups=groups, batch_size=32,
                                   max_new_tokens=60)
         report["methods"][name] = method_summary(acc, acc["pairs"], gen, groups, matcher, groups)

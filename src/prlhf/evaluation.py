@@ -56,6 +56,19 @@ def bootstrap_ci(values: list[float], n_boot: int = 1000, level: float = 0.95, s
     return [lo, hi]
 
 
+def paired_difference(pairs: list[dict], baseline_pairs: list[dict], group: str = "seen", n_boot: int = 1000,
+                      level: float = 0.95, seed: int = 0) -> dict | None:
+    """Accuracy of one model minus a baseline's on the same held-out pairs (matched by record
+    index; ``group`` "seen" or "unseen"), with a paired bootstrap interval: pairs are resampled
+    together, so the variation the two models share cancels."""
+    want = group == "seen"
+    base = {p["index"]: p["correct"] for p in baseline_pairs if p["seen"] == want}
+    diffs = [p["correct"] - base[p["index"]] for p in pairs if p["seen"] == want and p["index"] in base]
+    if not diffs:
+        return None
+    return {"mean": sum(diffs) / len(diffs), "ci": bootstrap_ci(diffs, n_boot, level, seed), "n": len(diffs)}
+
+
 def per_user_mean(groups: dict[str, list[float]], n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
     """The mean over users of each user's mean, with an interval from resampling users."""
     user_means = [sum(v) / len(v) for v in groups.values() if v]
@@ -93,16 +106,20 @@ def pair_margins(model: PersonalizedLM, examples: list[dict], rows: list[int], r
 
 
 def evaluate_accuracy(model: PersonalizedLM, records: list[dict], reference=None, batch_size: int = 8,
-                      max_length: int | None = 1024, max_prompt_length: int | None = 512) -> dict:
+                      max_length: int | None = 1024, max_prompt_length: int | None = 512,
+                      ref_cache: dict | None = None) -> dict:
     """Implicit-reward accuracy (the ``metrics.json`` of ``prlhf eval``) plus per-pair results.
 
     ``reference`` is pi_SFT (a causal LM), or None for a LoRA model (its base, adapters disabled).
+    ``ref_cache`` (record index -> reference log-probs) may be shared between models that have the
+    same reference and tokenize ``records`` alike (see ``reference_identity``), so the reference
+    is scored once.
     """
     model.eval()
     settings = model.tokenize_settings(max_length, max_prompt_length)
     examples = tokenize_dataset(records, model.tokenizer, settings, model.registry)
     own_rows = [ex["user_row"] for ex in examples]
-    ref_cache: dict = {}
+    ref_cache = {} if ref_cache is None else ref_cache
     own = pair_margins(model, examples, own_rows, reference, batch_size, ref_cache)
     seen_idx = [i for i, ex in enumerate(examples) if ex["user_id"] in model.registry]
     if model.prlhf_config.user_id_prompt and seen_idx:
@@ -145,6 +162,15 @@ def evaluate_accuracy(model: PersonalizedLM, records: list[dict], reference=None
         "n": {"seen": len(seen_idx), "unseen": len(unseen_idx)},
         "pairs": pairs,
     }
+
+
+def reference_identity(model: PersonalizedLM, reference: str | None = None) -> tuple:
+    """What a model's reference log-probs on given records depend on besides the records and the
+    truncation: the reference (a path, or the LoRA base) and the prompt text (the user-id
+    baseline rewrites prompts). Models with equal identities can share ``ref_cache``."""
+    cfg = model.prlhf_config
+    ref = reference or cfg.reference_model_name_or_path
+    return ("reference", ref, cfg.user_id_prompt) if ref else ("lora-base", cfg.base_model_name_or_path, cfg.user_id_prompt)
 
 
 def load_reference(model: PersonalizedLM, reference: str | None = None, trust_remote_code: bool = False):

@@ -56,7 +56,8 @@ def comparison_table(methods: dict[str, dict]) -> str:
     match = any(m.get("user_match") is not None for m in methods.values())
     flips = any(m.get("flip_rate") is not None for m in methods.values())
     head = ["method"] + [f"acc {k}" for k in ACCURACY_KEYS] + [f"words {g}" for g in groups]
-    head += ["flip rate"] * flips + ["user match"] * match
+    diff = next((m["accuracy_difference"]["vs"] for m in methods.values() if m.get("accuracy_difference")), None)
+    head += ["flip rate"] * flips + ["user match"] * match + [f"seen - {diff}"] * bool(diff)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         acc, ci = m.get("accuracy", {}), m.get("accuracy_ci", {})
@@ -66,6 +67,9 @@ def comparison_table(methods: dict[str, dict]) -> str:
             cells.append(_f(m.get("flip_rate")))
         if match:
             cells.append(_f(m.get("user_match")) + _ci(m.get("user_match_ci")))
+        if diff:
+            d = (m.get("accuracy_difference") or {}).get("seen")
+            cells.append("-" if not d else f"{d['mean']:+.3f}" + _ci(d["ci"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
