@@ -190,13 +190,17 @@ def load_reference(model: PersonalizedLM, reference: str | None = None, trust_re
 # -- generation ----------------------------------------------------------------------------------
 
 
+def read_users(users_json: str | Path | None) -> list[dict]:
+    """The user entries of a converter's ``users.json`` (or of a plain list of them)."""
+    if users_json is None:
+        return []
+    data = json.loads(Path(users_json).read_text())
+    return data["users"] if isinstance(data, dict) and "users" in data else data
+
+
 def load_user_groups(users_json: str | Path | None) -> dict[str, str]:
     """User id -> group from a converter's ``users.json`` (``group``, else ``preference``)."""
-    if users_json is None:
-        return {}
-    data = json.loads(Path(users_json).read_text())
-    users = data["users"] if isinstance(data, dict) and "users" in data else data
-    return {str(u["user_id"]): str(u.get("group") or u.get("preference") or "all") for u in users}
+    return {str(u["user_id"]): str(u.get("group") or u.get("preference") or "all") for u in read_users(users_json)}
 
 
 def group_of(user_id: str | None, model: PersonalizedLM, groups: dict[str, str]) -> str:

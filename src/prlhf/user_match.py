@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .evaluation import bootstrap_ci, score
+from .evaluation import bootstrap_ci, read_users, score
 
 
 class NearestCentroidMatcher:
@@ -32,7 +32,6 @@ class NearestCentroidMatcher:
         self.labels = sorted(set(labels))
         if len(self.labels) < 2:
             raise ValueError(f"user matching needs at least 2 users or groups with training responses, got {self.labels}")
-        self._normalize = normalize
         self.vectorizer = TfidfVectorizer(sublinear_tf=True, **tfidf_kwargs).fit(texts)
         X = self.vectorizer.transform(texts)  # (N, V), rows l2-normalised
         y = np.asarray(labels)
@@ -57,13 +56,7 @@ def response_text(response) -> str:
 def load_match_groups(users_json) -> dict[str, str]:
     """User id -> group for matching, from a converter's ``users.json``: only when its users carry a
     ``group`` (e.g. majority / minority); empty otherwise, and users are matched one by one."""
-    import json
-    from pathlib import Path
-
-    if users_json is None:
-        return {}
-    data = json.loads(Path(users_json).read_text())
-    users = data["users"] if isinstance(data, dict) and "users" in data else data
+    users = read_users(users_json)
     if not any(isinstance(u, dict) and u.get("group") for u in users):
         return {}
     return {str(u["user_id"]): str(u["group"]) for u in users if u.get("group")}
