@@ -24,6 +24,6 @@ for method in dpo pdpo_individual; do
 done
 # shellcheck disable=SC2086
 prlhf eval --model "$OUT/dpo" --model "$OUT/pdpo_individual" --data "$OUT/data/test.jsonl" "$OUT/data/unseen.jsonl" \
-    --users "$OUT/data/users.json" --max-pairs-per-user 30 --generate 8 --max-new-tokens 64 --batch-size 16 \
+    --users "$OUT/data/users.json" --max-pairs-per-user 30 --generate 8 --max-new-tokens 96 --no-repeat-ngram-size 3 --batch-size 16 \
     --max-length 120 --max-prompt-length 64 --report "$OUT" --output "$OUT/metrics.json" ${PRLHF_EVAL_OVERRIDES:-}
 python -m prlhf.report "$OUT/report.json" --runtime-since "$start"

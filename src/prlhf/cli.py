@@ -120,6 +120,26 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _add_repetition_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="transformers' repetition_penalty (> 1 discourages repeats; small models loop under greedy decoding)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help="never repeat an n-gram of this size (transformers' no_repeat_ngram_size)")
+
+
+def _repetition_kwargs(a: argparse.Namespace) -> dict:
+    kw = {}
+    if a.repetition_penalty is not None:
+        if not a.repetition_penalty > 0:
+            raise ConfigError(f"--repetition-penalty must be > 0, got {a.repetition_penalty}")
+        kw["repetition_penalty"] = a.repetition_penalty
+    if a.no_repeat_ngram_size is not None:
+        if a.no_repeat_ngram_size < 1:
+            raise ConfigError(f"--no-repeat-ngram-size must be >= 1, got {a.no_repeat_ngram_size}")
+        kw["no_repeat_ngram_size"] = a.no_repeat_ngram_size
+    return kw
+
+
 def cmd_eval(argv: list[str]) -> int:
     from .data import load_preference_data
     from .evaluation import (evaluate_accuracy, evaluate_generation, load_reference, load_user_groups, paired_difference,
@@ -139,6 +159,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--train-data", default=None, help="training pairs whose chosen responses define each user's (or "
                    "group's) TF-IDF centroid for the user-match rate (default: train.jsonl beside --users)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    _add_repetition_args(p)
     p.add_argument("--report", default=None, help="folder for report.md, report.json, plots and generations.jsonl")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
@@ -146,6 +167,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--per-pair", action="store_true", help="also write each pair's margin into metrics.json")
     p.add_argument("--max-pairs-per-user", type=int, default=None, help="score at most the first N pairs of each user")
     a = p.parse_args(argv)
+    gen_kwargs = _repetition_kwargs(a)
     records = [r for path in a.data for r in load_preference_data(path)]
     if a.max_pairs_per_user is not None:
         from collections import Counter
@@ -179,7 +201,8 @@ def cmd_eval(argv: list[str]) -> int:
         gen = None
         if a.generate:
             gen = evaluate_generation(model, records, a.generate, groups, a.batch_size, a.max_new_tokens,
-                                      progress=lambda i, n: logger.info("generated %d/%d", i, n))
+                                      progress=lambda i, n: logger.info("generated %d/%d", i, n),
+                                      **gen_kwargs)
         methods[name] = method_summary(metrics, pairs, gen, groups, matcher, match_groups)
         if baseline is None:
             baseline = (name, pairs)
@@ -238,12 +261,13 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    _add_repetition_args(p)
     a = p.parse_args(argv)
     if (a.prompt is None) == (a.input is None):
         p.error("give either --prompt or --input")
     torch.manual_seed(a.seed)
     model = PersonalizedLM.from_pretrained(a.model)
-    kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample)
+    kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, **_repetition_kwargs(a))
     if a.do_sample:
         kw.update(temperature=a.temperature, top_p=a.top_p)
     if a.prompt is not None:
