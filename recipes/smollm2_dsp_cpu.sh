@@ -16,7 +16,7 @@ start=$(date +%s.%N)
 # rejected = another domain's answer (never `normal`), so every pair is a cross-domain conflict;
 # plain-text prompts (no chat template: its system prompt would add 30 tokens to every sequence);
 # 10% of the queries held out.
-prlhf data convert dsp --input "$INPUT" --output "$OUT/data" --rejected-pool domains --format text \
+prlhf data convert dsp --input "$INPUT" --output "$OUT/data" --overwrite --rejected-pool domains --format text \
     --test-fraction 0.1 --seed 0
 for method in dpo pdpo_individual; do
     # shellcheck disable=SC2086
@@ -25,6 +25,6 @@ for method in dpo pdpo_individual; do
 done
 # shellcheck disable=SC2086
 prlhf eval --model "$OUT/dpo" --model "$OUT/pdpo_individual" --data "$OUT/data/test.jsonl" \
-    --users "$OUT/data/users.json" --generate 10 --max-new-tokens 48 --batch-size 16 \
+    --users "$OUT/data/users.json" --generate 10 --max-new-tokens 48 --no-repeat-ngram-size 3 --batch-size 16 \
     --max-length 80 --max-prompt-length 48 --report "$OUT" --output "$OUT/metrics.json" ${PRLHF_EVAL_OVERRIDES:-}
 python -m prlhf.report "$OUT/report.json" --runtime-since "$start"
