@@ -7,10 +7,14 @@ from prlhf.cli import main
 from prlhf.demo import check_findings, run_demo
 
 
-def test_demo_pipeline_writes_the_report_contract(tmp_path):
+def test_demo_pipeline_writes_the_report_contract(tmp_path, capsys):
     out = tmp_path / "demo"
     report = run_demo(out, seed=0, n_users=4, unseen_users=2, pairs_per_user=8, n_prompts=20, generate_per_user=1,
-                      methods=["dpo", "pdpo_individual"], sft_epochs=1, num_train_epochs=1)
+                      methods=["dpo", "pdpo_individual"], sft_epochs=1, num_train_epochs=1, logging_steps=1)
+    shown = capsys.readouterr()
+    # progress bars and one table, not a printed dictionary per log step
+    assert "rewards/accuracies_user" not in shown.out + shown.err and "{'loss'" not in shown.out + shown.err
+    assert "| method |" in shown.out
     saved = json.loads((out / "report.json").read_text())
     assert saved["runtime_seconds"] > 0 and 0 < saved["majority_share"] <= 1
     assert set(saved["methods"]) == {"sft", "dpo", "pdpo_individual"}

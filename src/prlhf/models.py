@@ -224,6 +224,7 @@ def load_model_and_tokenizer(
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    verify_files: bool = True,
     **model_init_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer; make sure the tokenizer has a pad token. ``dtype``
@@ -246,7 +247,8 @@ def load_model_and_tokenizer(
             from .storage import recover_folder, verify_manifest
 
             recover_folder(local)
-            verify_manifest(local)  # folders saved by prlhf: every file as written
+            if verify_files:
+                verify_manifest(local)  # folders saved by prlhf: every file as written
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(

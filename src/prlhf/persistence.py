@@ -86,7 +86,8 @@ def load_personalized(model_cls: type[PersonalizedLM], directory: str | os.PathL
         llm = PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)
         tokenizer = _load_tokenizer(directory, trust_remote_code)
     else:
-        llm, tokenizer = load_model_and_tokenizer(str(directory), trust_remote_code=trust_remote_code, **load_kwargs)
+        llm, tokenizer = load_model_and_tokenizer(str(directory), trust_remote_code=trust_remote_code, verify_files=False,
+                                                  **load_kwargs)
     table = llm.get_input_embeddings().weight
     user_model = build_user_model(
         config.user_model, registry.n_rows, config.n_user_tokens, table.shape[1], config.n_clusters,

@@ -185,7 +185,7 @@ def recover_folder(target: str | os.PathLike, clean: bool = False) -> None:
     folder next to a present target has its extra entries carried over and is deleted. ``clean``
     also deletes incomplete temporary folders (writers only: a reader must not delete a folder
     another process is still writing)."""
-    target = Path(target)
+    target = Path(os.path.abspath(target))
     old = _old_path(target)
     news = _new_folders(target)
     if not target.exists():
@@ -211,7 +211,7 @@ def save_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Pat
     """Write a whole folder atomically: ``write(tmp)`` fills a sibling temporary folder, which gets
     ``manifest.json`` and then replaces ``target``. A kill at any point leaves the previous complete
     folder or the new complete one (after ``recover_folder``, which every save and load runs)."""
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # '.' and '..' have no name to swap
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target}: exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
