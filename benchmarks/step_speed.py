@@ -7,6 +7,8 @@ Systems (``--systems``; the first four are the default):
 
 * ``trl_dpo``: TRL ``DPOTrainer``, vanilla DPO, full fine-tuning, float32 (``bf16=False``: TRL's
   default bf16 autocast is not what prlhf trains in, and is slow on CPUs without bf16 units);
+* ``trl_dpo_precompute``: the same with TRL's best setting for speed, ``precompute_ref_log_probs=True``
+  and ``ref_model=None`` (its one-off reference pass reported like prlhf's);
 * ``pdpo_alpha_0.5`` / ``pdpo_alpha_1``: prlhf P-DPO, individual user model, T_u = 10, defaults
   (one forward per step, shared-prompt packing, LM head at response positions, reference
   log-probs precomputed before training);
@@ -47,10 +49,11 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_SYSTEMS = ["trl_dpo", "pdpo_alpha_0.5", "pdpo_alpha_1", "official_scheme"]
+DEFAULT_SYSTEMS = ["trl_dpo", "trl_dpo_precompute", "pdpo_alpha_0.5", "pdpo_alpha_1", "official_scheme"]
 OFFICIAL = dict(packing=False, precompute_ref_log_probs=False, response_logits_only=False)
 SYSTEMS = {
     "trl_dpo": None,
+    "trl_dpo_precompute": None,
     "pdpo_alpha_0.5": dict(alpha=0.5),
     "pdpo_alpha_1": dict(alpha=1.0),
     "official_scheme": dict(alpha=0.5, **OFFICIAL),
@@ -143,15 +146,33 @@ def _build(name: str, model_name: str, records: list[dict], batch_size: int, max
 
     common = dict(per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, learning_rate=1e-6,
                   report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, max_length=max_length)
-    if name == "trl_dpo":
+    if name in ("trl_dpo", "trl_dpo_precompute"):
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 
         llm, tok = load_model_and_tokenizer(model_name)
-        args = DPOConfig(output_dir=os.path.join(workdir, name), beta=0.1, bf16=False, **common)
+        precompute = name == "trl_dpo_precompute"
+        args = DPOConfig(output_dir=os.path.join(workdir, name), beta=0.1, bf16=False, precompute_ref_log_probs=precompute,
+                         **common)
         data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
-        trainer = DPOTrainer(model=llm, ref_model=copy.deepcopy(llm), args=args, train_dataset=data, processing_class=tok)
-        return trainer, (lambda idx: trainer.data_collator([trainer.train_dataset[i] for i in idx])), None
+        # TRL's best setting: reference log-probs computed once in __init__, no reference copy kept
+        spent = []
+        real = DPOTrainer._precompute_ref_logps
+
+        def timed(self, *a, **k):
+            start = time.perf_counter()
+            out = real(self, *a, **k)
+            spent.append(time.perf_counter() - start)
+            return out
+
+        DPOTrainer._precompute_ref_logps = timed
+        try:
+            trainer = DPOTrainer(model=llm, ref_model=None if precompute else copy.deepcopy(llm), args=args,
+                                 train_dataset=data, processing_class=tok)
+        finally:
+            DPOTrainer._precompute_ref_logps = real
+        ref_seconds = sum(spent) / len(records) if precompute else None
+        return trainer, (lambda idx: trainer.data_collator([trainer.train_dataset[i] for i in idx])), ref_seconds
 
     from prlhf.config import PDPOConfig
     from prlhf.trainer import PDPOTrainer
@@ -323,8 +344,9 @@ def main(argv=None) -> dict:
                      "python": sys.version.split()[0]},
     }
     ratios = {}
-    if "trl_dpo" in spc:
-        ratios.update({f"{n}/trl_dpo": spc[n] / spc["trl_dpo"] for n in spc if n != "trl_dpo"})
+    for base in ("trl_dpo", "trl_dpo_precompute"):
+        if base in spc:
+            ratios.update({f"{n}/{base}": spc[n] / spc[base] for n in spc if not n.startswith("trl_dpo")})
     if "official_scheme" in spc and "pdpo_alpha_0.5" in spc:
         ratios["official_scheme/pdpo_alpha_0.5"] = spc["official_scheme"] / spc["pdpo_alpha_0.5"]
     result["ratios"] = ratios
@@ -332,12 +354,12 @@ def main(argv=None) -> dict:
     if a.generation:
         result["generation"] = generation_speed(a.model, records, a.generation_prompts, a.generation_tokens)
 
-    lines = ["| system | s / comparison | vs trl_dpo | peak RSS (MB) | reference pass (s / comparison, once) |",
-             "|---|---|---|---|---|"]
+    lines = ["| system | s / comparison | vs trl_dpo | vs trl_dpo_precompute | peak RSS (MB) | "
+             "reference pass (s / comparison, once) |", "|---|---|---|---|---|---|"]
     for n in a.systems:
-        vs = f"{spc[n] / spc['trl_dpo']:.2f}" if "trl_dpo" in spc else "-"
+        vs = [f"{spc[n] / spc[b]:.2f}" if b in spc else "-" for b in ("trl_dpo", "trl_dpo_precompute")]
         ref = result["reference_seconds_per_comparison"].get(n)
-        lines.append(f"| {n} | {spc[n]:.3f} | {vs} | {peak[n]:.0f} | {f'{ref:.3f}' if ref is not None else '-'} |")
+        lines.append(f"| {n} | {spc[n]:.3f} | {vs[0]} | {vs[1]} | {peak[n]:.0f} | {f'{ref:.3f}' if ref is not None else '-'} |")
     print("\n" + "\n".join(lines))
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")

@@ -16,7 +16,7 @@ start=$(date +%s.%N)
 # rejected = another domain's answer (never `normal`), so every pair is a cross-domain conflict;
 # plain-text prompts (no chat template: its system prompt would add 30 tokens to every sequence);
 # 10% of the queries held out.
-prlhf data convert dsp --input "$INPUT" --output "$OUT/data" --rejected-pool domains --format text \
+prlhf data convert dsp --input "$INPUT" --output "$OUT/data" --overwrite --rejected-pool domains --format text \
     --test-fraction 0.1 --seed 0
 for method in dpo pdpo_individual; do
     # shellcheck disable=SC2086

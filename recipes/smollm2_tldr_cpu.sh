@@ -15,7 +15,7 @@ start=$(date +%s.%N)
 # Seen users: the 20 most frequent workers, pooled into 6 users (4 prefer long, 2 short): batch 13
 # has about 57 pairs per worker, too few to learn a user from; the labels are synthetic (by length),
 # so a pooled user is a user like any other. The other workers are unseen users.
-prlhf data convert tldr --input "$INPUT" --output "$OUT/data" --label length --long-share 0.7 --top-k 20 \
+prlhf data convert tldr --input "$INPUT" --output "$OUT/data" --overwrite --label length --long-share 0.7 --top-k 20 \
     --pool-users 6 --max-prompt-chars 120 --test-fraction 0.1 --seed 0
 for method in dpo pdpo_individual; do
     # shellcheck disable=SC2086

@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny random Llama (offline) and small per-user preference data."""
 
+import atexit
 import os
 import random
+import shutil
 import tempfile
 
 import pytest
@@ -13,7 +15,9 @@ from prlhf.models import tiny_llama
 from prlhf.users import UserRegistry
 
 # reference log-probs cached by the tests stay out of the user's ~/.cache
-os.environ.setdefault("PRLHF_REFERENCE_CACHE", tempfile.mkdtemp(prefix="prlhf-test-refcache-"))
+if "PRLHF_REFERENCE_CACHE" not in os.environ:
+    os.environ["PRLHF_REFERENCE_CACHE"] = _cache = tempfile.mkdtemp(prefix="prlhf-test-refcache-")
+    atexit.register(shutil.rmtree, _cache, True)
 
 WORDS = "the dog cat runs fast slow big small house tree river sun moon day night".split()
 
@@ -51,6 +55,33 @@ def collate(model, records, side="right", **settings):
     examples = tokenize_dataset(load_preference_data(records), model.tokenizer, settings, model.registry)
     tok = model.tokenizer
     return PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, side)(examples)
+
+
+def plain_logps(model, batch, user_rows):
+    """log pi_P(y | x, u) summed over response tokens of a plain collated batch, for one user row
+    per sequence (N,): full logits at every position, 2D mask (the plain reference computation)."""
+    from prlhf.losses import sequence_logps
+
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["implicit_mask"], user_rows)
+    return sequence_logps(logits, batch["labels"])
+
+
+@torch.no_grad()
+def plain_reference_logps(model, batch, reference=None):
+    """log pi_SFT(y | x) of a plain collated batch: user positions masked out, full logits;
+    ``reference`` a frozen LM, or None for the model's base with its LoRA adapters disabled."""
+    from prlhf.losses import sequence_logps
+    from prlhf.modeling import position_ids_from_mask
+
+    attention_mask = batch["attention_mask"] * (~batch["user_mask"]).long()
+    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    if reference is None:
+        assert model.is_lora, "a reference model is needed unless the policy is a LoRA model"
+        with model.llm.disable_adapter():
+            logits = model.llm(input_ids=batch["input_ids"], **kwargs).logits
+    else:
+        logits = reference(input_ids=batch["input_ids"], **kwargs).logits
+    return sequence_logps(logits, batch["labels"])
 
 
 @pytest.fixture

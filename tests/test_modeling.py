@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import build_model, collate
+from conftest import build_model, collate, plain_logps, plain_reference_logps
 from prlhf.losses import sequence_logps
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
@@ -15,7 +15,7 @@ RECS = [
 ]
 
 
-def plain_logps(llm, batch_examples):
+def base_logps(llm, batch_examples):
     """Reference computation: each prompt+response alone, no padding, no user input."""
     out = []
     for prompt_ids, response_ids in batch_examples:
@@ -42,8 +42,8 @@ def test_zero_user_tokens_gives_base_logits():
     base = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     real = batch["attention_mask"].bool()
     assert torch.allclose(logits[real], base[real], atol=1e-5)
-    assert model.sequence_logps(batch, batch["user_rows"].repeat(2)).tolist() == pytest.approx(
-        plain_logps(model.llm, pairs_of(model, RECS)), abs=1e-4)
+    assert plain_logps(model, batch, batch["user_rows"].repeat(2)).tolist() == pytest.approx(
+        base_logps(model.llm, pairs_of(model, RECS)), abs=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["individual", "cluster", "uniform"])
@@ -53,9 +53,9 @@ def test_left_and_right_padding_give_same_logps(kind):
     right, left = collate(model, recs, "right"), collate(model, recs, "left")
     assert not torch.equal(right["input_ids"], left["input_ids"])  # padding really differs
     rows = right["user_rows"].repeat(2)
-    lp_r, lp_l = model.sequence_logps(right, rows), model.sequence_logps(left, rows)
+    lp_r, lp_l = plain_logps(model, right, rows), plain_logps(model, left, rows)
     assert torch.allclose(lp_r, lp_l, atol=1e-4)
-    assert torch.allclose(model.reference_logps(right, model.llm), model.reference_logps(left, model.llm), atol=1e-4)
+    assert torch.allclose(plain_reference_logps(model, right, model.llm), plain_reference_logps(model, left, model.llm), atol=1e-4)
 
 
 def test_reference_masks_out_all_user_input():
@@ -64,15 +64,15 @@ def test_reference_masks_out_all_user_input():
     recs = [dict(r, user_text="expert reader, likes detail") for r in RECS]
     batch = collate(model, recs)
     assert batch["user_mask"].sum(1).min() > 4  # implicit slots plus text tokens
-    ref = model.reference_logps(batch, model.llm)
-    assert ref.tolist() == pytest.approx(plain_logps(model.llm, pairs_of(model, recs)), abs=1e-4)
+    ref = plain_reference_logps(model, batch, model.llm)
+    assert ref.tolist() == pytest.approx(base_logps(model.llm, pairs_of(model, recs)), abs=1e-4)
 
 
 def test_different_users_get_different_logps_and_unknown_ids_are_generic():
     model = build_model(user_model="individual", n_tokens=3)
     batch = collate(model, [RECS[0]] * 1)
     rows = lambda r: torch.tensor([r, r])  # noqa: E731
-    lp = {u: model.sequence_logps(batch, rows(model.registry.row(u))) for u in ["a", "b", None, "stranger"]}
+    lp = {u: plain_logps(model, batch, rows(model.registry.row(u))) for u in ["a", "b", None, "stranger"]}
     assert not torch.allclose(lp["a"], lp["b"], atol=1e-3)
     assert not torch.allclose(lp["a"], lp[None], atol=1e-3)
     assert torch.equal(lp["stranger"], lp[None])  # unknown id -> generic row 0
@@ -82,7 +82,7 @@ def test_different_users_get_different_logps_and_unknown_ids_are_generic():
 def test_uniform_user_model_ignores_user():
     model = build_model(user_model="uniform", n_tokens=3)
     batch = collate(model, [RECS[0]])
-    assert torch.equal(model.sequence_logps(batch, torch.tensor([1, 1])), model.sequence_logps(batch, torch.tensor([0, 0])))
+    assert torch.equal(plain_logps(model, batch, torch.tensor([1, 1])), plain_logps(model, batch, torch.tensor([0, 0])))
 
 
 def test_explicit_user_text_changes_logps():
@@ -90,8 +90,8 @@ def test_explicit_user_text_changes_logps():
     plain = collate(model, [RECS[0]])
     with_text = collate(model, [dict(RECS[0], user_text="I am a veterinarian")])
     rows = torch.tensor([0, 0])
-    assert not torch.allclose(model.sequence_logps(plain, rows), model.sequence_logps(with_text, rows), atol=1e-3)
-    assert torch.allclose(model.reference_logps(plain, model.llm), model.reference_logps(with_text, model.llm), atol=1e-4)
+    assert not torch.allclose(plain_logps(model, plain, rows), plain_logps(model, with_text, rows), atol=1e-3)
+    assert torch.allclose(plain_reference_logps(model, plain, model.llm), plain_reference_logps(model, with_text, model.llm), atol=1e-4)
 
 
 def test_soft_prompt_goes_after_bos():
@@ -137,7 +137,7 @@ def test_save_load_round_trip(tmp_path):
     batch = collate(model, RECS)
     rows = batch["user_rows"].repeat(2)
     model.eval()
-    assert torch.equal(model.sequence_logps(batch, rows), loaded.sequence_logps(batch, rows))
+    assert torch.equal(plain_logps(model, batch, rows), plain_logps(loaded, batch, rows))
     assert loaded.registry.ids == ["a", "b", "c"] and loaded.registry.user_texts == {"a": "likes cats"}
     kw = dict(max_new_tokens=5, do_sample=False)
     assert model.generate(["hi", "dogs"], ["a", None], **kw) == loaded.generate(["hi", "dogs"], ["a", None], **kw)
@@ -154,13 +154,13 @@ def test_lora_save_load_round_trip(tmp_path):
     batch = collate(model, RECS)
     rows = batch["user_rows"].repeat(2)
     model.eval()
-    assert torch.allclose(model.sequence_logps(batch, rows), loaded.sequence_logps(batch, rows), atol=1e-6)
+    assert torch.allclose(plain_logps(model, batch, rows), plain_logps(loaded, batch, rows), atol=1e-6)
     # the reference is the base with adapters disabled: it ignores the adapter
-    ref = loaded.reference_logps(batch)
-    assert torch.allclose(ref, model.reference_logps(batch), atol=1e-6)
+    ref = plain_reference_logps(loaded, batch)
+    assert torch.allclose(ref, plain_reference_logps(model, batch), atol=1e-6)
     base, _ = tiny_llama()
-    assert torch.allclose(ref, model.reference_logps(batch, base), atol=1e-5)
-    assert not torch.allclose(ref, model.reference_logps(batch, model.llm), atol=1e-3)
+    assert torch.allclose(ref, plain_reference_logps(model, batch, base), atol=1e-5)
+    assert not torch.allclose(ref, plain_reference_logps(model, batch, model.llm), atol=1e-3)
 
 
 @pytest.mark.parametrize("offset_init", ["zero", "vocab", "random"])
@@ -177,3 +177,34 @@ def test_offset_init_decides_whether_users_start_apart(offset_init):
         table = model.llm.get_input_embeddings().weight
         ratio = float(model.user_model.offsets.std() / table.std())
         assert 0.5 < ratio < 2.0
+
+
+def test_injection_by_hand_equals_production():
+    """Independent oracle: e_u = e_0 + o_u assembled by hand from the parameters and placed after
+    BOS in a plain ``inputs_embeds`` call (no ``embed()``, no collator masks, no packing); the
+    production path scores the same response tokens to 1e-5, for each user and the generic user."""
+    import torch.nn.functional as F
+
+    from prlhf.data import tokenize_response
+
+    model = build_model(user_model="individual", n_tokens=3)
+    um, tok, T_u = model.user_model, model.tokenizer, 3
+    table = model.llm.get_input_embeddings().weight
+    records = RECS + [dict(RECS[0], user_id=None)]  # the generic user: e_0 alone
+    batch = collate(model, records)
+    with torch.no_grad():
+        got = model.term_logps(batch, [(batch["user_rows"], None)])[0]  # (2B,)
+        B = len(records)
+        for i, rec in enumerate(records):
+            row = model.registry.row(rec["user_id"])
+            e_u = um.generic + (um.offsets[row - 1] if row > 0 else 0)  # (T_u, d)
+            for column, response in ((i, rec["chosen"]), (B + i, rec["rejected"])):
+                prompt_ids, response_ids = tokenize_response(tok, rec["prompt"], response)
+                assert prompt_ids[0] == tok.bos_token_id
+                ids = torch.tensor(prompt_ids + response_ids)
+                embeds = torch.cat([table[ids[:1]], e_u, table[ids[1:]]]).unsqueeze(0)
+                logits = model.llm(inputs_embeds=embeds).logits[0]  # positions 0..L+T_u-1, no mask
+                start = len(prompt_ids) + T_u  # first response token
+                logp = F.log_softmax(logits[start - 1:-1].float(), -1)
+                expected = logp.gather(1, torch.tensor(response_ids).unsqueeze(1)).sum()
+                assert got[column].item() == pytest.approx(expected.item(), abs=1e-5)

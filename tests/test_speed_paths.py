@@ -1,7 +1,7 @@
 """The fast paths (issue 5) against the plain reference computation.
 
 Plain reference: one padded row per response, a 2D attention mask, full logits and log-softmax at
-every position (``PersonalizedLM.sequence_logps`` / ``reference_logps``). Fast paths: shared-prompt
+every position (``conftest.plain_logps`` / ``plain_reference_logps``). Fast paths: shared-prompt
 packing with a 4D mask, the LM head at response positions only, one forward for all P-DPO terms,
 reference log-probs precomputed once and cached on disk. Each must give the same log-probs, loss
 and gradients (relative difference at most 1e-4).
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_model, two_user_records
+from conftest import build_model, plain_logps, plain_reference_logps, two_user_records
 from prlhf.config import PDPOConfig
 from prlhf.data import PreferenceCollator, TokenizeSettings, load_preference_data, tokenize_dataset
 from prlhf.losses import personalized_loss, preference_loss
@@ -66,14 +66,14 @@ def test_packed_and_response_only_logps_equal_plain_reference(kind, side):
     ex = examples_for(model)
     plain = collate(model, ex, packing=False)
     rows = plain["user_rows"]
-    expected = model.sequence_logps(plain, rows.repeat(2))  # full logits, 2D mask, one row per response
+    expected = plain_logps(model, plain, rows.repeat(2))  # full logits, 2D mask, one row per response
     for packing in (False, True):
         batch = collate(model, ex, packing, side)
         for full in (False, True):
             got = model.term_logps(batch, [(rows, None)], full_logits=full)[0]
             assert rel(got, expected) <= 1e-4, (packing, full)
         ref = model.reference_pair_logps(batch, model.llm)
-        assert rel(ref, model.reference_logps(plain, model.llm)) <= 1e-4
+        assert rel(ref, plain_reference_logps(model, plain, model.llm)) <= 1e-4
     packed = collate(model, ex, packing=True)
     assert packed["input_ids"].shape[0] == len(ex) and plain["input_ids"].shape[0] == 2 * len(ex)
     assert packed["attention_mask"].sum() < plain["attention_mask"].sum()  # the prompt is there once, not twice
@@ -91,8 +91,8 @@ def test_several_terms_in_one_forward_equal_separate_computations():
     both = model.term_logps(batch, [(users, None), (generic, selected)])
     hook.remove()
     assert len(calls) == 1  # one forward pass for both terms
-    assert rel(both[0], model.sequence_logps(plain, users.repeat(2))) <= 1e-4
-    expected_generic = model.sequence_logps(plain, generic.repeat(2))
+    assert rel(both[0], plain_logps(model, plain, users.repeat(2))) <= 1e-4
+    expected_generic = plain_logps(model, plain, generic.repeat(2))
     sel = selected.repeat(2)
     assert rel(both[1][sel], expected_generic[sel]) <= 1e-4
     assert (both[1][~sel] == 0).all()  # pairs a term does not select are not run
@@ -118,7 +118,7 @@ def test_eager_attention_takes_the_packed_mask():
     ex = examples_for(model)
     plain, packed = collate(model, ex, False), collate(model, ex, True)
     rows = plain["user_rows"]
-    assert rel(model.term_logps(packed, [(rows, None)])[0], model.sequence_logps(plain, rows.repeat(2))) <= 1e-4
+    assert rel(model.term_logps(packed, [(rows, None)])[0], plain_logps(model, plain, rows.repeat(2))) <= 1e-4
 
 
 def _args(tmp_path, **kw):
@@ -169,10 +169,10 @@ def test_loss_equals_hand_computation_with_generic_user_pairs(tmp_path):
     plain = collate(model, trainer.train_dataset, packing=False)
     users = plain["user_rows"]
     B = len(users)
-    ref = model.reference_logps(plain, reference)
+    ref = plain_reference_logps(model, plain, reference)
     per_term = []
     for rows in (users, torch.zeros_like(users)):
-        lp = model.sequence_logps(plain, rows.repeat(2))
+        lp = plain_logps(model, plain, rows.repeat(2))
         losses, _, _ = preference_loss(lp[:B], lp[B:], ref[:B], ref[B:], 0.3)
         n_chosen = (plain["labels"][:B, 1:] != -100).sum(-1)
         per_term.append(losses + 0.2 * (-lp[:B] / n_chosen))
@@ -190,7 +190,7 @@ def test_reference_is_precomputed_once_and_cached_on_disk(tmp_path):
     n_precompute = len(calls)
     assert n_precompute == -(-len(records) // args.per_device_eval_batch_size)
     assert trainer.reference_model is None  # no copy of the weights is kept
-    expected = model.reference_logps(collate(model, trainer.train_dataset, False), model.llm)
+    expected = plain_reference_logps(model, collate(model, trainer.train_dataset, False), model.llm)
     got = torch.tensor([e["ref_logps"] for e in trainer.train_dataset]).T.reshape(-1)
     assert rel(got, expected) <= 1e-4
     before = len(calls)

@@ -137,7 +137,14 @@ def test_lora_training_uses_disabled_adapters_as_reference(tmp_path):
     m1 = evaluate_accuracy(trainer.model, records, None)
     m2 = evaluate_accuracy(loaded, records, None)
     assert [p["margin"] for p in m1["pairs"]] == pytest.approx([p["margin"] for p in m2["pairs"]], abs=1e-5)
-    assert any(abs(p["margin"]) > 1e-4 for p in m1["pairs"])  # the adapter did move the policy
+    # the adapters themselves moved (LoRA B starts at zero), not only the soft prompt
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and max(p.abs().max().item() for p in lora_b) > 0
+    # and the policy with the user prefix removed differs from the reference: the LLM itself changed
+    from prlhf.evaluation import evaluate_accuracy as ev
+
+    generic_only = ev(trainer.model, [dict(r, user_id=None) for r in records], None)
+    assert any(abs(p["margin"]) > 1e-4 for p in generic_only["pairs"])
 
 
 def test_sft_lowers_nll_of_chosen(tmp_path):
@@ -154,3 +161,24 @@ def test_sft_lowers_nll_of_chosen(tmp_path):
 
     llm, _ = load_model_and_tokenizer(out)  # a plain model folder, usable as model_name_or_path
     assert sum(p.numel() for p in llm.parameters()) == sum(p.numel() for p in tiny_llama()[0].parameters())
+
+
+def test_user_id_in_prompt_baseline_trains_saves_and_scores_the_tagged_prompt(tmp_path):
+    """The baseline people build with TRL today: no user model, the user id written into the prompt.
+    The saved model keeps the template, so evaluation and generation tag prompts the same way; its
+    scores equal a vanilla model scoring the tagged prompt text."""
+    records = two_user_records(n_prompts=4)
+    trainer = PDPOTrainer(args=args(tmp_path, user_model="none", user_id_in_prompt=True, max_steps=3),
+                          train_dataset=records)
+    trainer.train()
+    trainer.save_model()
+    loaded = PersonalizedLM.from_pretrained(trainer.args.output_dir)
+    assert loaded.user_model is None and loaded.prlhf_config.user_id_prompt == "[user: {user_id}]\n"
+    rec = records[0]
+    own = evaluate_accuracy(loaded, [rec], None)["pairs"][0]["margin"]
+    other = evaluate_accuracy(loaded, [dict(rec, user_id="short_fan")], None)["pairs"][0]["margin"]
+    assert abs(own - other) > 1e-6  # another id, another prompt, another score
+    template = loaded.prlhf_config.user_id_prompt
+    loaded.prlhf_config.user_id_prompt = None  # now a plain model: the tag must be in the text itself
+    tagged = dict(rec, prompt=template.format(user_id=rec["user_id"]) + rec["prompt"], user_id=None)
+    assert evaluate_accuracy(loaded, [tagged], None)["pairs"][0]["margin"] == pytest.approx(own, abs=1e-5)

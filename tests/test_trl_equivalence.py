@@ -75,14 +75,34 @@ def test_default_reference_is_the_starting_policy(tmp_path):
     assert prlhf_loss(prlhf_trainer(llm, tok, records, tmp_path)) == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_uniform_user_model_loss_does_not_depend_on_alpha(tmp_path):
-    """Uniform cannot tell users apart: the generic term equals the user term, so alpha changes nothing."""
+def test_uniform_user_model_loss_does_not_depend_on_alpha(tmp_path, monkeypatch):
+    """Uniform cannot tell users apart: the generic term equals the user term, so alpha changes
+    nothing. Both terms are really computed and mixed by alpha here (the shortcut that skips the
+    generic pass is switched off), and the result equals the one-pass loss for every alpha."""
     records = two_user_records(n_prompts=4)
     losses = []
     for alpha in (1.0, 0.5, 0.0):
         llm, tok = moved_policy()
         trainer = prlhf_trainer(llm, tok, records, tmp_path, "uniform", alpha, tiny_llama()[0])
         assert trainer.terms_needed(trainer.model) == (True, False)  # one forward pass
-        losses.append(prlhf_loss(trainer))
-    assert losses[0] == pytest.approx(losses[1], abs=1e-7) and losses[0] == pytest.approx(losses[2], abs=1e-7)
+        one_pass = prlhf_loss(trainer)
+        monkeypatch.setattr(trainer, "terms_needed", lambda pm: (True, True))
+        both = prlhf_loss(trainer)
+        monkeypatch.undo()
+        assert both == pytest.approx(one_pass, abs=1e-6)
+        losses.append(both)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)
     assert abs(losses[0] - math.log(2)) > 1e-3
+
+
+def test_individual_user_model_loss_does_depend_on_alpha(tmp_path):
+    """The control for the test above: users that differ make alpha matter."""
+    records = two_user_records(n_prompts=4)
+    losses = []
+    for alpha in (1.0, 0.0):
+        llm, tok = moved_policy()
+        trainer = prlhf_trainer(llm, tok, records, tmp_path, "individual", alpha, tiny_llama()[0])
+        with torch.no_grad():
+            trainer.model.user_model.offsets.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        losses.append(prlhf_loss(trainer))
+    assert abs(losses[0] - losses[1]) > 1e-3

@@ -9,6 +9,9 @@
     prlhf data convert {tldr,psoups,prism,dsp} --input PATH --output DIR [options]
     prlhf data synth --output DIR [options]
     prlhf data inspect FILE [--json]
+
+Exit codes: 0 done, 2 bad input or a refused setting, 3 a non-finite (NaN or inf) loss, gradient,
+weight or log-prob, 1 anything unexpected. --debug shows the Python traceback.
 """
 
 from __future__ import annotations
@@ -97,6 +100,11 @@ def cmd_train(argv: list[str]) -> int:
     trainer.save_model()
     if trainer.args.should_save:
         print(f"saved the personalized model to {cfg.output_dir}")
+    if cfg.push_to_hub and trainer.args.should_save:
+        repo = cfg.hub_model_id or Path(cfg.output_dir).name
+        url = trainer.accelerator.unwrap_model(trainer.model).push_to_hub(repo, private=cfg.hub_private_repo,
+                                                                          token=cfg.hub_token)
+        print(f"pushed to the Hugging Face Hub: {url}")
     return 0
 
 
@@ -120,54 +128,39 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def _add_repetition_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="transformers' repetition_penalty (> 1 discourages repeats; small models loop under greedy decoding)")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
-                   help="never repeat an n-gram of this size (transformers' no_repeat_ngram_size)")
-
-
-def _repetition_kwargs(a: argparse.Namespace) -> dict:
-    kw = {}
-    if a.repetition_penalty is not None:
-        if not a.repetition_penalty > 0:
-            raise ConfigError(f"--repetition-penalty must be > 0, got {a.repetition_penalty}")
-        kw["repetition_penalty"] = a.repetition_penalty
-    if a.no_repeat_ngram_size is not None:
-        if a.no_repeat_ngram_size < 1:
-            raise ConfigError(f"--no-repeat-ngram-size must be >= 1, got {a.no_repeat_ngram_size}")
-        kw["no_repeat_ngram_size"] = a.no_repeat_ngram_size
-    return kw
+def _merge_repeated(argv: list[str], flag: str) -> list[str]:
+    """``--model A --model B`` (argparse 'append' style) as ``--model A B``."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return ([flag, *values] if values else []) + rest
 
 
 def cmd_eval(argv: list[str]) -> int:
     from .data import load_preference_data
-    from .evaluation import (evaluate_accuracy, evaluate_generation, load_reference, load_user_groups, paired_difference,
-                             reference_identity)
+    from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups, paired_difference
     from .modeling import PersonalizedLM
+    from .reference import load_reference, reference_identity
     from .report import comparison_table, method_summary, write_report
     from .user_match import build_matcher, load_match_groups, user_match_rate
 
-    p = argparse.ArgumentParser(prog="prlhf eval", description="Implicit-reward accuracy (and generation lengths) "
-                                "of one or several personalized models.")
-    p.add_argument("--model", required=True, action="append", help="folder written by `prlhf train` (repeat to compare)")
-    p.add_argument("--data", required=True, nargs="+", help="preference pairs (JSONL) to score, e.g. test.jsonl unseen.jsonl")
-    p.add_argument("--output", default=None, help="metrics.json to write")
-    p.add_argument("--reference", default=None, help="pi_SFT (default: the one recorded at training time)")
-    p.add_argument("--users", default=None, help="users.json of the data (groups for generation lengths)")
-    p.add_argument("--generate", type=int, default=0, metavar="N", help="generate for N held-out prompts per user")
-    p.add_argument("--train-data", default=None, help="training pairs whose chosen responses define each user's (or "
-                   "group's) TF-IDF centroid for the user-match rate (default: train.jsonl beside --users)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    _add_repetition_args(p)
-    p.add_argument("--report", default=None, help="folder for report.md, report.json, plots and generations.jsonl")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--max-prompt-length", type=int, default=512)
-    p.add_argument("--per-pair", action="store_true", help="also write each pair's margin into metrics.json")
-    p.add_argument("--max-pairs-per-user", type=int, default=None, help="score at most the first N pairs of each user")
-    a = p.parse_args(argv)
-    gen_kwargs = _repetition_kwargs(a)
+    from .config import EvalConfig
+
+    a = parse_config(EvalConfig, _merge_repeated(argv, "--model"))
+    gen_kwargs = a.generation_kwargs()
+    load = a.load_kwargs()
+    from .storage import check_output_path
+
+    for path, what in ((a.output, "--output"), (a.report, "--report")):
+        if path:
+            check_output_path(path, what)
     records = [r for path in a.data for r in load_preference_data(path)]
     if a.max_pairs_per_user is not None:
         from collections import Counter
@@ -190,8 +183,8 @@ def cmd_eval(argv: list[str]) -> int:
     baseline = None  # (name, per-pair results) of the first model
     for path in a.model:
         name = Path(path).name if Path(path).name not in all_metrics else path
-        model = PersonalizedLM.from_pretrained(path)
-        reference = load_reference(model, a.reference)
+        model = PersonalizedLM.from_pretrained(path, **load)
+        reference = load_reference(model, a.reference, dtype=load["dtype"], attn_implementation=load["attn_implementation"])
         # models with the same reference score it once (vanilla DPO and P-DPO from the same pi_SFT)
         ref_cache = ref_caches.setdefault(reference_identity(model, a.reference), {})
         metrics = evaluate_accuracy(model, records, reference, a.batch_size, a.max_length, a.max_prompt_length, ref_cache)
@@ -248,26 +241,16 @@ def cmd_generate(argv: list[str]) -> int:
 
     from .modeling import PersonalizedLM
 
-    p = argparse.ArgumentParser(prog="prlhf generate", description="Personalized generation.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--user", default=None, help="user id (unknown or omitted: the generic user)")
-    p.add_argument("--user-text", default=None, help="the user's text (explicit user model)")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--input", default=None, help="JSONL of records with 'prompt' and 'user_id' (and optional 'user_text')")
-    p.add_argument("--output", default=None, help="JSONL to write (batch mode)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    _add_repetition_args(p)
-    a = p.parse_args(argv)
-    if (a.prompt is None) == (a.input is None):
-        p.error("give either --prompt or --input")
+    from .config import GenerateConfig
+
+    a = parse_config(GenerateConfig, argv)
+    if a.output:
+        from .storage import check_output_path
+
+        check_output_path(a.output, "--output")
     torch.manual_seed(a.seed)
-    model = PersonalizedLM.from_pretrained(a.model)
-    kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, **_repetition_kwargs(a))
+    model = PersonalizedLM.from_pretrained(a.model, **a.load_kwargs())
+    kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, **a.generation_kwargs())
     if a.do_sample:
         kw.update(temperature=a.temperature, top_p=a.top_p)
     if a.prompt is not None:
@@ -280,6 +263,8 @@ def cmd_generate(argv: list[str]) -> int:
         if not isinstance(rec.get("prompt"), (str, list)):
             raise ConfigError(f"{a.input}: record {i} (line {rec.get('_line')}): field 'prompt' is missing")
         rec.pop("_line", None)
+    if a.output:
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     out_f = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout
     n_tokens, start = 0, time.perf_counter()
     try:
@@ -338,6 +323,7 @@ def _data_parser() -> argparse.ArgumentParser:
         sp.add_argument("--output", required=True, help="folder for train.jsonl, test.jsonl, unseen.jsonl, users.json")
         sp.add_argument("--test-fraction", type=float, default=0.1, help="share of prompts held out for test.jsonl")
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--overwrite", action="store_true", help="replace the conversion in a non-empty --output folder")
         if unseen:
             sp.add_argument("--unseen-users", default="", help="comma-separated users kept out of training")
 
@@ -385,6 +371,7 @@ def _data_parser() -> argparse.ArgumentParser:
     sy.add_argument("--test-fraction", type=float, default=0.2)
     sy.add_argument("--format", choices=["chat", "text"], default="text")
     sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--overwrite", action="store_true", help="replace the data in a non-empty --output folder")
 
     ins = sub.add_parser("inspect", help="users, pairs per user, agreement, accuracy ceilings")
     ins.add_argument("file")
@@ -392,10 +379,42 @@ def _data_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _yaml_to_argparse_flags(argv: list[str]) -> list[str]:
+    """``--config FILE.yaml`` for argparse commands: each YAML key becomes its flag (``max_prompt_chars``
+    -> ``--max-prompt-chars``), placed before the command line's own flags, which win."""
+    if "--config" not in argv:
+        return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise ConfigError("--config needs a YAML file")
+    path, rest = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    flags = []
+    for key, value in data.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, ",".join(map(str, value))]
+        else:
+            flags += [flag, str(value)]
+    n_positional = next((k for k, a in enumerate(rest) if a.startswith("-")), len(rest))
+    return rest[:n_positional] + flags + rest[n_positional:]
+
+
 def cmd_data(argv: list[str]) -> int:
     from .sources import CONVERTERS, synthesize, write_conversion
 
-    a = _data_parser().parse_args(argv)
+    a = _data_parser().parse_args(_yaml_to_argparse_flags(argv))
     if a.action == "inspect":
         from .data import load_preference_data
         from .inspection import format_report, inspect_pairs
@@ -410,7 +429,7 @@ def cmd_data(argv: list[str]) -> int:
         conv = synthesize(a.n_users, a.unseen_users, a.majority_share, a.n_prompts, a.pairs_per_user,
                           tuple(_csv(a.attributes)), a.test_fraction, a.seed, a.format)
     else:
-        kw = {k: v for k, v in vars(a).items() if k not in ("action", "source", "output")}
+        kw = {k: v for k, v in vars(a).items() if k not in ("action", "source", "output", "overwrite")}
         kw = {k.replace("-", "_"): v for k, v in kw.items()}
         if "unseen_users" in kw:
             kw["unseen_users"] = tuple(_csv(kw["unseen_users"]))
@@ -421,7 +440,7 @@ def cmd_data(argv: list[str]) -> int:
         if a.source == "tldr" and kw.get("top_k") == 0:
             kw["top_k"] = None
         conv = CONVERTERS[a.source](**kw)
-    out = write_conversion(conv, a.output)
+    out = write_conversion(conv, a.output, overwrite=a.overwrite)
     print(conv.summary_table())
     print(f"\nwrote {out}/train.jsonl, test.jsonl" + (", unseen.jsonl" if (out / "unseen.jsonl").exists() else "")
           + ", users.json")
@@ -444,18 +463,46 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "sft": cmd_sft, "eval": cmd_ev
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 bad input or a refused setting; 3 a non-finite loss, gradient, weight
+    or log-prob; 1 anything unexpected. No traceback unless ``--debug`` is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .data import DataError
+    from .modeling import NonFiniteError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+    except NonFiniteError as err:
+        if debug:
+            raise
         print(f"prlhf {argv[0]}: error: {err}", file=sys.stderr)
+        return 3
+    except (ConfigError, DataError, ValueError, OSError, ImportError) as err:
+        if debug:
+            raise
+        print(f"prlhf {argv[0]}: error: {_describe(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"prlhf {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line, not a traceback (unless --debug)
+        if debug:
+            raise
+        print(f"prlhf {argv[0]}: unexpected error: {type(err).__name__}: {err} (run again with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def _describe(err: BaseException) -> str:
+    """An OS error raised by Python itself as 'path: what'; prlhf's own errors as they are."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,15 @@ command-line flags (``--beta 0.1``): every field carries its help text in ``meta
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from transformers import TrainingArguments
 
 from .losses import LOSS_TYPES
+from .models import DTYPES
+from .storage import check_output_path
 from .user_models import CLUSTER_WEIGHTINGS, OFFSET_INITS, USER_INITS, USER_MODELS
 
 
@@ -39,6 +43,10 @@ class PrlhfArguments(TrainingArguments):
     lora_target_modules: str = _f("all-linear", "Modules that get LoRA adapters: 'all-linear' or a comma-separated list "
                                   "of module names (e.g. 'q_proj,v_proj').")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless you ask for it).")
+    model_dtype: str = _f("float32", "dtype the base model (and reference) are loaded in: 'float32', 'bfloat16', "
+                          "'float16' or 'auto' (the checkpoint's own). Mixed-precision training itself is bf16/fp16.")
+    attn_implementation: str | None = _f(None, "Attention implementation to load the model with ('sdpa', 'eager', "
+                                         "'flash_attention_2', ...); default: transformers' choice.")
 
     # TRL-like defaults that differ from TrainingArguments'
     output_dir: str | None = _f("outputs/prlhf", "Where checkpoints and the final model go.")
@@ -49,7 +57,34 @@ class PrlhfArguments(TrainingArguments):
     def __post_init__(self):
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if self.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype must be one of {sorted(DTYPES)}, got {self.model_dtype!r}")
+        for f in fields(self):
+            value = getattr(self, f.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be at least 1 token, got {self.max_prompt_length}")
+        self._refuse_overwriting(self.model_name_or_path, "model_name_or_path")
+        if self.output_dir:
+            check_output_path(self.output_dir, "output_dir")
+            if Path(self.output_dir).is_file():
+                raise NotADirectoryError(f"output_dir {self.output_dir}: is a file, not a folder")
         super().__post_init__()
+
+    def _refuse_overwriting(self, source: str | None, key: str) -> None:
+        """``output_dir`` must not be a model that training reads (it would be overwritten)."""
+        if source and self.output_dir and Path(source).exists() and Path(source).resolve() == Path(self.output_dir).resolve():
+            raise ValueError(f"output_dir {self.output_dir!r} is the {key} folder: saving would overwrite the model "
+                             "training starts from (and the reference, pi_SFT); choose another output_dir")
+
+    def load_kwargs(self) -> dict:
+        """Keyword arguments for loading the base and reference models."""
+        return {"dtype": self.model_dtype, "attn_implementation": self.attn_implementation}
 
     def lora_kwargs(self) -> dict:
         targets = self.lora_target_modules
@@ -123,4 +158,117 @@ class PDPOConfig(PrlhfArguments):
             raise ValueError(f"user_offset_init must be one of {OFFSET_INITS}, got {self.user_offset_init!r}")
         if self.user_model != "none" and not 1 <= self.n_user_tokens <= 64:
             raise ValueError(f"n_user_tokens must be between 1 and 64, got {self.n_user_tokens}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5) (0.5 and above train towards the rejected side), "
+                             f"got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.user_learning_rate is not None and self.user_learning_rate < 0:
+            raise ValueError(f"user_learning_rate must be >= 0, got {self.user_learning_rate}")
+        self._refuse_overwriting(self.reference_model_name_or_path, "reference_model_name_or_path")
         super().__post_init__()
+
+
+def _flag(default, help: str, **kw):
+    """A field whose command-line flag is spelled with hyphens (``--max-new-tokens``) as well as
+    with underscores (``--max_new_tokens``, the YAML key)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _hyphen_aliases(cls):
+    for f in fields(cls):
+        if "_" in f.name:
+            f.metadata = {**f.metadata, "aliases": [f"--{f.name.replace('_', '-')}"]}
+    return cls
+
+
+@dataclass
+class LoadingOptions:
+    """How saved models are loaded for evaluation and generation."""
+
+    dtype: str = _flag("float32", "float32 (default), bfloat16, float16 or auto (the checkpoint's own)")
+    attn_implementation: str | None = _flag(None, "sdpa, eager, flash_attention_2, ... (default: transformers' choice)")
+    device: str = _flag("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, mps, ...")
+    repetition_penalty: float | None = _flag(None, "transformers' repetition_penalty for generation (> 1 discourages "
+                                             "repeats; small models loop under greedy decoding)")
+    no_repeat_ngram_size: int | None = _flag(None, "never repeat an n-gram of this size in generations")
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.repetition_penalty is not None and not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"--repetition-penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 1:
+            raise ValueError(f"--no-repeat-ngram-size must be >= 1, got {self.no_repeat_ngram_size}")
+
+    def load_kwargs(self) -> dict:
+        return {"dtype": self.dtype, "attn_implementation": self.attn_implementation, "device": self.device}
+
+    def generation_kwargs(self) -> dict:
+        kw = {}
+        if self.repetition_penalty is not None:
+            kw["repetition_penalty"] = self.repetition_penalty
+        if self.no_repeat_ngram_size is not None:
+            kw["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return kw
+
+
+@_hyphen_aliases
+@dataclass
+class EvalConfig(LoadingOptions):
+    """``prlhf eval``: implicit-reward accuracy (seen, generic, unseen, per user, with bootstrap CIs)
+    of one or several saved models, and optionally generations with their lengths, user-match rate
+    and user-swap flip rate."""
+
+    model: list[str] = _flag(None, "folder(s) written by `prlhf train` (repeat --model, or list several, to compare; "
+                             "the first is the baseline of the paired differences)")
+    data: list[str] = _flag(None, "preference pairs (JSONL) to score, e.g. test.jsonl unseen.jsonl")
+    output: str | None = _flag(None, "metrics.json to write")
+    reference: str | None = _flag(None, "pi_SFT (default: the one recorded at training time)")
+    users: str | None = _flag(None, "users.json of the data (groups for generation lengths)")
+    generate: int = _flag(0, "generate for N held-out prompts per user")
+    train_data: str | None = _flag(None, "training pairs whose chosen responses define each user's (or group's) TF-IDF "
+                                   "centroid for the user-match rate (default: train.jsonl beside --users)")
+    max_new_tokens: int = _flag(64, "new tokens per generation at most")
+    report: str | None = _flag(None, "folder for report.md, report.json, plots and generations.jsonl")
+    batch_size: int = _flag(8, "pairs (or prompts) per batch")
+    max_length: int = _flag(1024, "maximum prompt + response tokens per sequence")
+    max_prompt_length: int = _flag(512, "maximum prompt tokens")
+    per_pair: bool = _flag(False, "also write each pair's margin into metrics.json")
+    max_pairs_per_user: int | None = _flag(None, "score at most the first N pairs of each user")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("--model is required (a folder written by `prlhf train`)")
+        if not self.data:
+            raise ValueError("--data is required (preference pairs to score)")
+        for name in ("generate", "max_new_tokens", "batch_size", "max_length", "max_prompt_length"):
+            if getattr(self, name) < (0 if name == "generate" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+@_hyphen_aliases
+@dataclass
+class GenerateConfig(LoadingOptions):
+    """``prlhf generate``: personalized generation for one prompt or a JSONL file of prompts."""
+
+    model: str | None = _flag(None, "folder written by `prlhf train` (or a Hub repository owner/name)")
+    user: str | None = _flag(None, "user id (unknown or omitted: the generic user)")
+    user_text: str | None = _flag(None, "the user's text (explicit user model)")
+    prompt: str | None = _flag(None, "one prompt")
+    input: str | None = _flag(None, "JSONL of records with 'prompt' and 'user_id' (and optional 'user_text')")
+    output: str | None = _flag(None, "JSONL to write (batch mode)")
+    batch_size: int = _flag(8, "prompts per generate() call")
+    max_new_tokens: int = _flag(64, "new tokens per generation at most")
+    do_sample: bool = _flag(False, "sample instead of greedy decoding")
+    temperature: float = _flag(1.0, "sampling temperature")
+    top_p: float = _flag(1.0, "nucleus sampling")
+    seed: int = _flag(0, "random seed")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("--model is required (a folder written by `prlhf train`)")
+        if (self.prompt is None) == (self.input is None):
+            raise ValueError("give either --prompt or --input")

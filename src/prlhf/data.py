@@ -50,7 +50,15 @@ def read_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}); "
+                        "save the file as UTF-8") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -92,6 +100,12 @@ def validate_record(rec: dict, where: str) -> dict:
             for j, m in enumerate(value):
                 if "role" not in m or "content" not in m:
                     raise DataError(f"{where}: field '{field}': message {j} needs 'role' and 'content'")
+                if not isinstance(m["role"], str) or not m["role"]:
+                    raise DataError(f"{where}: field '{field}': message {j}: 'role' must be a non-empty string, "
+                                    f"got {m['role']!r}")
+                if not isinstance(m["content"], str):
+                    raise DataError(f"{where}: field '{field}': message {j}: 'content' must be a string, "
+                                    f"got {type(m['content']).__name__}")
             if field != "prompt" and not value:
                 raise DataError(f"{where}: field '{field}' is an empty message list")
         else:
@@ -103,7 +117,7 @@ def validate_record(rec: dict, where: str) -> dict:
         raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
     out = dict(rec)
     uid = rec.get("user_id")
-    if uid is not None and not isinstance(uid, (str, int)):
+    if uid is not None and (not isinstance(uid, (str, int)) or isinstance(uid, bool)):
         raise DataError(f"{where}: field 'user_id' must be a string, an integer or null, got {type(uid).__name__}")
     out["user_id"] = None if uid is None or str(uid) == "" else str(uid)
     text = rec.get("user_text")

@@ -19,12 +19,13 @@ from pathlib import Path
 
 from .config import PDPOConfig, PSFTConfig
 from .data import load_preference_data
-from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups, reference_identity
+from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups
 from .modeling import PersonalizationConfig, PersonalizedLM
 from .models import load_model_and_tokenizer
+from .reference import reference_identity
 from .report import comparison_table, method_summary, write_report
 from .sources import synthesize, write_conversion
-from .trainer import PDPOTrainer, PSFTTrainer
+from .trainer import PDPOTrainer, PSFTTrainer, use_compact_progress
 from .user_match import build_matcher
 from .users import UserRegistry
 
@@ -49,7 +50,7 @@ ABLATIONS = {
 
 
 def _common_args(seed: int) -> dict:
-    return dict(report_to="none", use_cpu=True, seed=seed, save_strategy="no", logging_steps=20,
+    return dict(report_to="none", use_cpu=True, seed=seed, save_strategy="no", logging_steps=20, disable_tqdm=False,
                 max_length=128, max_prompt_length=32, per_device_train_batch_size=16, dataloader_num_workers=0)
 
 
@@ -73,7 +74,7 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
     step("data: synthetic users, 70% prefer long answers, 30% short, plus unseen users")
     conv = synthesize(n_users=n_users, unseen_users=unseen_users, majority_share=0.7, n_prompts=n_prompts,
                       pairs_per_user=pairs_per_user, test_fraction=0.2, seed=seed)
-    data_dir = write_conversion(conv, out / "data")
+    data_dir = write_conversion(conv, out / "data", overwrite=True)
     print(conv.summary_table(), flush=True)
     groups = load_user_groups(data_dir / "users.json")
     test = load_preference_data(data_dir / "test.jsonl")
@@ -86,7 +87,7 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
     sft = PSFTTrainer(args=PSFTConfig(model_name_or_path="tiny-llama", output_dir=str(out / "sft"),
                                       train_file=str(data_dir / "train.jsonl"), learning_rate=3e-3,
                                       num_train_epochs=sft_epochs, **_common_args(seed)))
-    sft.train()
+    use_compact_progress(sft).train()
     sft_dir = sft.save_final()
     del sft
     reference, _ = load_model_and_tokenizer(sft_dir)
@@ -121,7 +122,7 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
                           train_file=str(data_dir / "train.jsonl"),
                           **{**_common_args(seed), **DEMO_TRAINING, **train_overrides, **overrides})
         trainer = PDPOTrainer(args=args, reference_model=reference)
-        trainer.train()
+        use_compact_progress(trainer).train()
         trainer.save_model()
         evaluate(name, trainer.model)
         del trainer

@@ -26,10 +26,12 @@ import random
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import PreferenceCollator, tokenize_dataset
 from .modeling import PersonalizedLM, packing_supported
+from .reference import load_reference, reference_identity  # noqa: F401 - their home is prlhf.reference
 from .users import GENERIC_ROW
 
 NO_USER = "<none>"
@@ -45,15 +47,20 @@ def score(margin: float) -> float:
 
 
 def bootstrap_ci(values: list[float], n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> list[float] | None:
-    """Percentile bootstrap interval of the mean of ``values``."""
+    """Percentile bootstrap interval of the mean of ``values`` (numpy, resamples drawn in chunks
+    so that memory stays bounded for long lists)."""
     if not values:
         return None
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, 4_000_000 // n))
+    means = np.concatenate([x[rng.integers(0, n, size=(min(chunk, n_boot - s), n))].mean(axis=1)
+                            for s in range(0, n_boot, chunk)])
+    means.sort()
     lo = means[int((1 - level) / 2 * n_boot)]
     hi = means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
-    return [lo, hi]
+    return [float(lo), float(hi)]
 
 
 def paired_difference(pairs: list[dict], baseline_pairs: list[dict], group: str = "seen", n_boot: int = 1000,
@@ -162,29 +169,6 @@ def evaluate_accuracy(model: PersonalizedLM, records: list[dict], reference=None
         "n": {"seen": len(seen_idx), "unseen": len(unseen_idx)},
         "pairs": pairs,
     }
-
-
-def reference_identity(model: PersonalizedLM, reference: str | None = None) -> tuple:
-    """What a model's reference log-probs on given records depend on besides the records and the
-    truncation: the reference (a path, or the LoRA base) and the prompt text (the user-id
-    baseline rewrites prompts). Models with equal identities can share ``ref_cache``."""
-    cfg = model.prlhf_config
-    ref = reference or cfg.reference_model_name_or_path
-    return ("reference", ref, cfg.user_id_prompt) if ref else ("lora-base", cfg.base_model_name_or_path, cfg.user_id_prompt)
-
-
-def load_reference(model: PersonalizedLM, reference: str | None = None, trust_remote_code: bool = False):
-    """pi_SFT for a saved model: the given path, else the one recorded at training time; None
-    for LoRA models trained without a reference (their base with adapters disabled)."""
-    from .models import load_model_and_tokenizer
-
-    path = reference or model.prlhf_config.reference_model_name_or_path
-    if path is None:
-        if model.is_lora:
-            return None  # its base with the adapters disabled, as in training
-        raise ValueError("this model records no reference model: pass --reference PATH (the SFT model)")
-    ref, _ = load_model_and_tokenizer(path, trust_remote_code=trust_remote_code)
-    return ref.to(model.device).eval()
 
 
 # -- generation ----------------------------------------------------------------------------------

@@ -15,36 +15,32 @@ Training scores pairs through ``term_logps``: the collator's flat response targe
 run at response positions only (the backbone through ``get_decoder()``, the head through
 ``get_output_embeddings()``), and a packed batch (``[prefix] [prompt] [chosen] [rejected]`` per
 pair, see ``prlhf.data.PreferenceCollator``) gets a 4D attention mask in which rejected does not
-see chosen and position ids that restart rejected where the prompt ends. ``sequence_logps`` and
-``reference_logps`` (full logits over plain rows) are the plain reference computation.
+see chosen and position ids that restart rejected where the prompt ends (``prlhf.scoring``).
+Saving and loading live in ``prlhf.persistence``; the plain full-logits computations that check
+all of this live in the tests.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import TokenizeSettings, build_sequence, collate_sequences, tokenize_prompt, with_user_id
-from .losses import sequence_logps
+from .guards import NonFiniteError, check_finite  # noqa: F401 - re-exported
 from .models import load_model_and_tokenizer
+from .persistence import (CONFIG_NAME, USER_MODEL_NAME, USERS_NAME, load_personalized,  # noqa: F401 - re-exported
+                          load_weights_into, push_personalized, read_config, save_personalized)
+from .scoring import (PACKING_ATTENTION, attention_mask_4d, check_packing_supported, packed_attention,  # noqa: F401
+                      packing_refusal, packing_supported, position_ids_from_mask, score_targets, sum_per_sequence,
+                      verify_fast_paths)
 from .user_models import ImplicitUserModel, build_user_model, encode_user_text
 from .users import UserRegistry
 
 logger = logging.getLogger(__name__)
-
-CONFIG_NAME = "prlhf_config.json"
-USER_MODEL_NAME = "user_model.safetensors"
-USERS_NAME = "users.json"
 
 
 @dataclass
@@ -70,136 +66,6 @@ class PersonalizationConfig:
         return 0 if self.user_model == "none" else self.n_user_tokens
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only attended tokens: the first real token is at 0 whatever the padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def packed_attention(branch: torch.Tensor, hidden_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention of packed rows: (allowed (R, T, T) bool, position_ids (R, T)).
-
-    ``branch`` (R, T) is -1 for padding, 0 for the shared prefix and prompt, 1 chosen, 2 rejected.
-    A query sees earlier keys of branch 0 and of its own branch; ``hidden_keys`` (R, T) bool removes
-    keys (the user positions, for the reference). Each token's position is the number of keys it
-    sees minus one, which restarts the rejected response where the prompt ends and skips removed
-    keys. Every query also sees itself, so padding rows stay finite (their outputs are unused)."""
-    T = branch.shape[1]
-    q, k = branch.unsqueeze(2), branch.unsqueeze(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=branch.device).tril()
-    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
-    if hidden_keys is not None:
-        allowed = allowed & ~hidden_keys.unsqueeze(1)
-    positions = (allowed.sum(-1) - 1).clamp(min=0)
-    allowed = allowed | torch.eye(T, dtype=torch.bool, device=branch.device)
-    return allowed, positions
-
-
-PACKING_ATTENTION = ("sdpa", "eager")
-
-
-def _attn_impl(llm: nn.Module) -> str:
-    return getattr(llm.config, "_attn_implementation", None) or "sdpa"
-
-
-def packing_supported(llm: nn.Module) -> bool:
-    """Whether the model's attention implementation takes a ready 4D mask (what packing needs)."""
-    return _attn_impl(llm) in PACKING_ATTENTION
-
-
-def check_packing_supported(llm: nn.Module) -> None:
-    if not packing_supported(llm):
-        raise ValueError(f"packed sequences need a 4D attention mask, which attn_implementation={_attn_impl(llm)!r} "
-                         "does not take; load the model with attn_implementation='sdpa' or 'eager', or train with "
-                         "packing=False")
-
-
-def attention_mask_4d(llm: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``allowed`` (R, T, T) in the form the model's attention implementation takes as a ready 4D mask."""
-    check_packing_supported(llm)
-    if _attn_impl(llm) == "sdpa":
-        return allowed.unsqueeze(1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)  # eager: an additive float mask
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-
-
-def _logit_transform(config) -> tuple[float, float | None]:
-    """(scale, softcap) that a model applies to its LM-head output (1.0 and None for most models)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = getattr(cfg, "logit_scale", None)
-    if scale is None:
-        scale = getattr(cfg, "output_multiplier", None) or getattr(cfg, "lm_head_multiplier", None)
-    if scale is None and getattr(cfg, "logits_scaling", None):
-        scale = 1.0 / cfg.logits_scaling
-    return (1.0 if scale is None else float(scale)), getattr(cfg, "final_logit_softcapping", None)
-
-
-def _backbone_and_head(llm: nn.Module):
-    """(decoder, LM head) of a causal LM, or None when the model does not expose them."""
-    try:
-        decoder, head = llm.get_decoder(), llm.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if decoder is None or head is None or decoder is llm:
-        return None
-    return decoder, head
-
-
-def score_targets(llm: nn.Module, embeds: torch.Tensor, batch: dict, target_index: torch.Tensor,
-                  target_ids: torch.Tensor, hide_user: bool = False, full_logits: bool = False) -> torch.Tensor:
-    """log p(target token) at each flat position ``target_index`` (into R*T) of the rows ``embeds``.
-
-    ``batch`` gives the rows' ``attention_mask`` and ``user_mask``, and ``branch`` when packed;
-    ``hide_user`` masks the user positions out (the reference). The LM head runs only at the target
-    positions unless ``full_logits`` (logits and log-softmax at every position, as most trainers do)."""
-    if "branch" in batch:
-        allowed, position_ids = packed_attention(batch["branch"], batch["user_mask"] if hide_user else None)
-        attention_mask = attention_mask_4d(llm, allowed, embeds.dtype)
-    else:
-        attention_mask = batch["attention_mask"]
-        if hide_user:
-            attention_mask = attention_mask * (~batch["user_mask"]).long()
-        position_ids = position_ids_from_mask(attention_mask)
-    parts = None if full_logits else _backbone_and_head(llm)
-    kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    if parts is None:
-        logits = llm(**kwargs).logits
-        logps = logits.float().log_softmax(-1).flatten(0, 1)[target_index]  # (M, V)
-        return logps.gather(1, target_ids.unsqueeze(1)).squeeze(1)
-    decoder, head = parts
-    hidden = decoder(**kwargs).last_hidden_state  # (R, T, d)
-    logits = head(hidden.flatten(0, 1)[target_index]).float()  # (M, V): response positions only
-    scale, softcap = _logit_transform(llm.config)
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return -F.cross_entropy(logits, target_ids, reduction="none")
-
-
-def sum_per_sequence(token_logps: torch.Tensor, target_seq: torch.Tensor, n_sequences: int) -> torch.Tensor:
-    """Summed token log-probs per sequence (n_sequences,) from per-target values and their sequence ids."""
-    out = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device)
-    return out.index_add(0, target_seq, token_logps)
-
-
-def _atomic_write_dir(target: Path, write) -> None:
-    """Write files into ``target`` all-or-nothing per file: everything goes to a temporary folder
-    first, then each file is moved in with ``os.replace``, ``prlhf_config.json`` last."""
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=target))
-    try:
-        write(tmp)
-        names = sorted(os.listdir(tmp), key=lambda n: n == CONFIG_NAME)
-        for name in names:
-            src, dst = tmp / name, target / name
-            if src.is_dir():
-                if dst.exists():
-                    shutil.rmtree(dst)
-            os.replace(src, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 class PersonalizedLM(nn.Module):
     """A causal LM personalized by a user model (P-RLHF's pi_P(y | x, u))."""
 
@@ -216,10 +82,13 @@ class PersonalizedLM(nn.Module):
 
     @classmethod
     def build(cls, config: PersonalizationConfig, registry: UserRegistry, llm=None, tokenizer=None,
-              lora_kwargs: dict | None = None, trust_remote_code: bool = False) -> "PersonalizedLM":
-        """A fresh user model around ``config.base_model_name_or_path`` (or the given ``llm``)."""
+              lora_kwargs: dict | None = None, trust_remote_code: bool = False,
+              load_kwargs: dict | None = None) -> "PersonalizedLM":
+        """A fresh user model around ``config.base_model_name_or_path`` (or the given ``llm``);
+        ``load_kwargs`` (dtype, attn_implementation, ...) go to the model loader."""
         if llm is None:
-            llm, tokenizer = load_model_and_tokenizer(config.base_model_name_or_path, trust_remote_code=trust_remote_code)
+            llm, tokenizer = load_model_and_tokenizer(config.base_model_name_or_path, trust_remote_code=trust_remote_code,
+                                                      **(load_kwargs or {}))
         table = llm.get_input_embeddings().weight
         user_model = build_user_model(
             config.user_model, registry.n_rows, config.n_user_tokens, table.shape[1], config.n_clusters,
@@ -304,12 +173,6 @@ class PersonalizedLM(nn.Module):
             **kwargs,
         ).logits
 
-    def sequence_logps(self, batch: dict, user_rows: torch.Tensor) -> torch.Tensor:
-        """log pi_P(y | x, u) summed over response tokens, for the sequences of a collated batch.
-        ``user_rows`` has one entry per sequence (N,)."""
-        logits = self(batch["input_ids"], batch["attention_mask"], batch["implicit_mask"], user_rows)
-        return sequence_logps(logits, batch["labels"])
-
     def term_logps(self, batch: dict, terms: list, full_logits: bool = False) -> torch.Tensor:
         """log pi_P(y | x, u) of chosen and rejected for several user terms in ONE forward pass.
 
@@ -362,21 +225,6 @@ class PersonalizedLM(nn.Module):
         if not policy_is_reference:
             raise ValueError("a reference model is needed unless the policy is a LoRA model")
         return run(self.llm)
-
-    @torch.no_grad()
-    def reference_logps(self, batch: dict, reference: nn.Module | None = None) -> torch.Tensor:
-        """log pi_SFT(y | x): user positions masked out; ``reference`` a frozen LM, or None for this
-        model's base with its LoRA adapters disabled."""
-        attention_mask = batch["attention_mask"] * (~batch["user_mask"]).long()
-        kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        if reference is None:
-            if not self.is_lora:
-                raise ValueError("a reference model is needed unless the policy is a LoRA model")
-            with self.llm.disable_adapter():
-                logits = self.llm(input_ids=batch["input_ids"], **kwargs).logits
-        else:
-            logits = reference(input_ids=batch["input_ids"], **kwargs).logits
-        return sequence_logps(logits, batch["labels"])
 
     def tokenize_settings(self, max_length: int | None, max_prompt_length: int | None):
         """How this model's training and evaluation data are tokenized."""
@@ -431,73 +279,29 @@ class PersonalizedLM(nn.Module):
             self.train(was_training)
         return out  # decoder-only generate with inputs_embeds returns only the new tokens
 
-    # -- save / load --------------------------------------------------------------------------
+    # -- save / load (prlhf.persistence) -------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None) -> None:
-        """Write the base model (or LoRA adapter), tokenizer, user model (safetensors), user
-        registry and ``prlhf_config.json``; each file is written atomically."""
-
-        def write(tmp: Path):
-            self.llm.save_pretrained(tmp)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            if self.user_model is not None:
-                tensors = {k: v.detach().cpu().contiguous() for k, v in self.user_model.state_dict().items()}
-                save_file(tensors, str(tmp / USER_MODEL_NAME), metadata={"format": "pt", "kind": self.prlhf_config.user_model})
-            self.registry.save(tmp / USERS_NAME)
-            (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.prlhf_config), indent=1))
-
-        _atomic_write_dir(Path(save_directory), write)
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
+                        extra_files: dict[str, str] | None = None, card_training: dict | None = None,
+                        card_metrics: dict | None = None) -> None:
+        """Write the whole model folder atomically, with the model card and ``manifest.json``;
+        non-finite weights are refused (see ``prlhf.persistence.save_personalized``)."""
+        save_personalized(self, save_directory, state_dict, extra_files, card_training, card_metrics)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, trust_remote_code: bool = False,
-                        is_trainable: bool = False) -> "PersonalizedLM":
-        """Restore a model written by ``save_pretrained``."""
-        directory = Path(directory)
-        cfg_path = directory / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{directory}: not a prlhf model ({CONFIG_NAME} missing)")
-        config = PersonalizationConfig(**json.loads(cfg_path.read_text()))
-        registry = UserRegistry.load(directory / USERS_NAME)
-        if config.use_lora:
-            from peft import PeftModel
+                        is_trainable: bool = False, device: str | torch.device | None = None,
+                        **load_kwargs) -> "PersonalizedLM":
+        """Restore a saved model from a local folder or a Hub repository, verified against its
+        manifest (see ``prlhf.persistence.load_personalized``)."""
+        return load_personalized(cls, directory, trust_remote_code, is_trainable, device, **load_kwargs)
 
-            base, _ = load_model_and_tokenizer(config.base_model_name_or_path, trust_remote_code=trust_remote_code)
-            llm = PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)
-            tokenizer = _load_tokenizer(directory, trust_remote_code)
-        else:
-            llm, tokenizer = load_model_and_tokenizer(str(directory), trust_remote_code=trust_remote_code)
-        table = llm.get_input_embeddings().weight
-        user_model = build_user_model(
-            config.user_model, registry.n_rows, config.n_user_tokens, table.shape[1], config.n_clusters,
-            config.cluster_weighting, "random", None, config.seed,
-        )
-        if user_model is not None:
-            user_model.load_state_dict(load_file(str(directory / USER_MODEL_NAME)))
-        model = cls(llm, tokenizer, registry, config, user_model)
-        model.eval()
-        return model
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload personalized model (prlhf)", revision: str | None = None,
+                    api=None) -> str:
+        """Save and upload with ``huggingface_hub`` (see ``prlhf.persistence.push_personalized``)."""
+        return push_personalized(self, repo_id, private, token, commit_message, revision, api)
 
     def load_weights_from(self, directory: str | os.PathLike) -> None:
         """Load a checkpoint's weights into this model in place (used to resume training)."""
-        directory = Path(directory)
-        if self.is_lora:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.llm, load_file(str(directory / "adapter_model.safetensors")))
-        else:
-            from transformers import AutoModelForCausalLM
-
-            loaded = AutoModelForCausalLM.from_pretrained(str(directory), dtype=next(self.llm.parameters()).dtype)
-            self.llm.load_state_dict(loaded.state_dict())
-        if self.user_model is not None:
-            self.user_model.load_state_dict(load_file(str(directory / USER_MODEL_NAME)))
-
-
-def _load_tokenizer(directory: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+        load_weights_into(self, directory)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -160,14 +158,13 @@ def _convert_smollm2_gguf(target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    from .storage import save_folder
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    save_folder(target, write)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -197,27 +194,72 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' (an accelerator when there is one, else the CPU), or any torch device name."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """'float32' / 'bfloat16' / 'float16' / 'auto' (the checkpoint's own) or a torch dtype; default float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def load_model_and_tokenizer(
     name_or_path: str,
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    verify_files: bool = True,
+    **model_init_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer; make sure the tokenizer has a pad token."""
+    """Load a causal LM and its tokenizer; make sure the tokenizer has a pad token. ``dtype``
+    (default float32), ``attn_implementation`` and other ``from_pretrained`` keyword arguments
+    (``device_map``, ``revision``, ...) go to ``AutoModelForCausalLM.from_pretrained``."""
+    dtype = resolve_dtype(dtype)
+    if attn_implementation is not None:
+        model_init_kwargs["attn_implementation"] = attn_implementation
     if name_or_path == TINY_LLAMA:
         model, tokenizer = tiny_llama()
+        if dtype not in ("auto", torch.float32):
+            model = model.to(dtype)
     else:
         path = resolve_model_path(name_or_path)
         local = Path(path).expanduser()
         looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep == "\\" and "\\" in path
         if not local.exists() and looks_local:
             raise FileNotFoundError(f"{name_or_path}: no such model folder")
+        if local.is_dir():
+            from .storage import recover_folder, verify_manifest
+
+            recover_folder(local)
+            if verify_files:
+                verify_manifest(local)  # folders saved by prlhf: every file as written
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+                path, dtype=dtype, trust_remote_code=trust_remote_code, **model_init_kwargs
             )
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - transformers and safetensors raise many types
             if local.exists():
+                from .storage import IntegrityError
+
+                raise IntegrityError(f"{name_or_path}: cannot load the model ({type(err).__name__}: {err})") from err
+            if not isinstance(err, OSError):
                 raise
             raise FileNotFoundError(
                 f"{name_or_path}: not a local folder, and loading it from the Hugging Face hub failed "

@@ -16,6 +16,10 @@ so a second run on the same model and data (another seed, another user model, an
 reuses the file, and any change of weights, tokenizer, data or truncation computes afresh. Files
 are written to a temporary name and moved into place, so an interrupted pass leaves nothing half
 written.
+
+This module is also the one home of pi_SFT for training and evaluation alike: which model it is
+(``training_reference``, ``load_reference``), what a saved model records about it
+(``reference_record``), and when two models share it (``reference_identity``).
 """
 
 from __future__ import annotations
@@ -24,15 +28,19 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models import cache_dir
+from .models import ALIASES, cache_dir, load_model_and_tokenizer
+from .storage import atomic_write_with
+
+if TYPE_CHECKING:
+    from .modeling import PersonalizedLM
 
 logger = logging.getLogger(__name__)
 
@@ -112,21 +120,80 @@ def cached_reference_logps(examples: list[dict], key: str, compute: Callable[[],
         except Exception as err:  # noqa: BLE001 - a damaged file is recomputed, not trusted
             logger.warning("%s: unreadable reference cache (%s); recomputing", path, err)
         else:
-            if logps.shape == (len(examples), 2):
+            if logps.shape == (len(examples), 2) and bool(torch.isfinite(logps).all()):
                 return logps, True, 0.0
-            logger.warning("%s: holds %s log-probs for %d pairs; recomputing", path, tuple(logps.shape), len(examples))
+            if logps.shape == (len(examples), 2):
+                logger.warning("%s: holds non-finite (NaN or inf) log-probs; recomputing", path)
+            else:
+                logger.warning("%s: holds %s log-probs for %d pairs; recomputing", path, tuple(logps.shape), len(examples))
     start = time.perf_counter()
     logps = compute()
     seconds = time.perf_counter() - start
+    bad = (~torch.isfinite(logps)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        from .modeling import NonFiniteError
+
+        raise NonFiniteError(f"non-finite reference log-probs (NaN or inf) for {len(bad)} of {len(examples)} pairs "
+                             f"(first: pair {bad[0]}); the reference model's weights or dtype are broken, nothing was cached")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            meta = {k: str(v) for k, v in {**(metadata or {}), "pairs": len(examples), "seconds": f"{seconds:.2f}"}.items()}
-            save_file({"logps": logps.contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        meta = {k: str(v) for k, v in {**(metadata or {}), "pairs": len(examples), "seconds": f"{seconds:.2f}"}.items()}
+        atomic_write_with(path, lambda tmp: save_file({"logps": logps.contiguous()}, tmp, metadata=meta), ".safetensors")
     return logps, False, seconds
+
+
+# -- which model pi_SFT is --------------------------------------------------------------------------
+
+
+def portable_path(name_or_path: str) -> str:
+    """Aliases and hub ids stay as they are; local folders become absolute paths."""
+    if name_or_path in ALIASES or not Path(name_or_path).exists():
+        return name_or_path
+    return str(Path(name_or_path).resolve())
+
+
+def training_reference(ref_path: str | None, reference_model=None, trust_remote_code: bool = False, **load_kwargs):
+    """pi_SFT for training: the given object, else the model at ``ref_path`` (with LoRA too: the
+    given pi_SFT, not the base), else None (the policy's own start: its LoRA base with adapters
+    disabled, or the precomputed pass over the policy before the first step)."""
+    if reference_model is None and ref_path is not None:
+        reference_model, _ = load_model_and_tokenizer(ref_path, trust_remote_code=trust_remote_code, **load_kwargs)
+    return reference_model
+
+
+def reference_record(model: PersonalizedLM, reference_model, ref_path: str | None) -> str | None:
+    """What ``prlhf_config.reference_model_name_or_path`` records: the given path; for a reference
+    object, the folder or hub id it was loaded from (None, with a warning, when it has none);
+    None for LoRA without a reference (its base, adapters disabled); else the base model, the
+    policy's starting point."""
+    if ref_path is not None:
+        return portable_path(ref_path)
+    if reference_model is not None:
+        name = getattr(reference_model, "name_or_path", None) or getattr(getattr(reference_model, "config", None), "_name_or_path", None)
+        if not name:
+            logger.warning("the reference model passed to PDPOTrainer records no name_or_path: the saved model "
+                           "cannot name its reference, so `prlhf eval` will need --reference")
+            return None
+        return portable_path(name)
+    return None if model.is_lora else model.prlhf_config.base_model_name_or_path
+
+
+def reference_identity(model: PersonalizedLM, reference: str | None = None) -> tuple:
+    """What a model's reference log-probs on given records depend on besides the records and the
+    truncation: the reference (a path, or the LoRA base) and the prompt text (the user-id
+    baseline rewrites prompts). Models with equal identities can share ``ref_cache``."""
+    cfg = model.prlhf_config
+    ref = reference or cfg.reference_model_name_or_path
+    return ("reference", ref, cfg.user_id_prompt) if ref else ("lora-base", cfg.base_model_name_or_path, cfg.user_id_prompt)
+
+
+def load_reference(model: PersonalizedLM, reference: str | None = None, trust_remote_code: bool = False,
+                   **load_kwargs):
+    """pi_SFT for a saved model: the given path, else the one recorded at training time; None
+    for LoRA models trained without a reference (their base with adapters disabled)."""
+    path = reference or model.prlhf_config.reference_model_name_or_path
+    if path is None:
+        if model.is_lora:
+            return None  # its base with the adapters disabled, as in training
+        raise ValueError("this model records no reference model: pass --reference PATH (the SFT model)")
+    ref, _ = load_model_and_tokenizer(path, trust_remote_code=trust_remote_code, **load_kwargs)
+    return ref.to(model.device).eval()

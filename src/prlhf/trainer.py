@@ -8,6 +8,7 @@ data are tokenized here into plain Python lists, which ``Trainer`` does not prun
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from collections import defaultdict
@@ -15,15 +16,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from .config import PDPOConfig, PSFTConfig
 from .data import PreferenceCollator, SFTCollator, TokenizeSettings, load_preference_data, tokenize_dataset
 from .losses import personalized_loss, preference_loss
-from .modeling import PersonalizationConfig, PersonalizedLM, check_packing_supported, position_ids_from_mask
-from .models import ALIASES, load_model_and_tokenizer
+from .modeling import (NonFiniteError, PersonalizationConfig, PersonalizedLM, check_finite, packing_refusal,
+                       position_ids_from_mask, verify_fast_paths)
+from .models import load_model_and_tokenizer
+from .storage import save_folder
 from .reference import (cache_key, cached_reference_logps, compute_reference_logps, default_cache_dir, fingerprint_examples,
-                        fingerprint_module, fingerprint_tokenizer)
+                        fingerprint_module, fingerprint_tokenizer, load_reference, portable_path, reference_record,
+                        training_reference)
 from .users import GENERIC_ROW, UserRegistry
 
 logger = logging.getLogger(__name__)
@@ -37,20 +42,97 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     root = Path(output_dir)
     if not root.is_dir():
         return None
-    done = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / TRAINER_STATE).is_file()]
+    done = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _state_parses(p / TRAINER_STATE)]
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-def _portable_path(name_or_path: str) -> str:
-    """Aliases and hub ids stay as they are; local folders become absolute paths."""
-    if name_or_path in ALIASES or not Path(name_or_path).exists():
-        return name_or_path
-    return str(Path(name_or_path).resolve())
+def _state_parses(path: Path) -> bool:
+    """A checkpoint is complete when its trainer state (written last) is there and parses."""
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def check_checkpoint(checkpoint: str | os.PathLike, registry: UserRegistry | None = None) -> None:
+    """Refuse a checkpoint that cannot be resumed: missing, torn (its trainer state does not parse),
+    or trained on other users than ``registry`` (the saved embeddings would go to other people)."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a checkpoint folder")
+    if not _state_parses(path / TRAINER_STATE):
+        raise ValueError(f"resume_from_checkpoint: {path / TRAINER_STATE} is missing or does not parse: the checkpoint "
+                         "was cut off while being written; resume from an earlier one (or pass --resume_from_checkpoint last)")
+    users = path / "users.json"
+    if registry is not None and users.is_file():
+        saved = UserRegistry.load(users)
+        if saved.ids != registry.ids:
+            new, gone = sorted(set(registry.ids) - set(saved.ids)), sorted(set(saved.ids) - set(registry.ids))
+            detail = (f"{len(new)} user(s) not in the checkpoint (e.g. {new[:3]}), {len(gone)} missing from the data "
+                      f"(e.g. {gone[:3]})" if new or gone else "the same users in another order (other rows)")
+            raise ValueError(f"resume_from_checkpoint: {path} was trained on other users than the training data: {detail}. "
+                             "Resume with the data it was trained on, or start a new output_dir")
+
+
+class CompactProgressCallback(ProgressCallback):
+    """A progress bar whose postfix shows the loss and the preference accuracy, instead of one
+    printed dictionary per log step (per-user accuracies stay in ``state.log_history``)."""
+
+    SHOWN = {"loss": "loss", "rewards/accuracies": "acc", "rewards_generic/accuracies": "acc_generic",
+             "rewards/margins": "margin"}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {short: f"{logs[key]:.3g}" for key, short in self.SHOWN.items() if isinstance(logs.get(key), (int, float))}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)
+
+
+def use_compact_progress(trainer: Trainer) -> Trainer:
+    """Swap the trainer's default progress printer for ``CompactProgressCallback``."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgressCallback())
+    return trainer
+
+
+def check_fast_paths(model: PersonalizedLM, args: PDPOConfig, examples: list[dict]) -> None:
+    """Refuse packing where it cannot be exact for this model and these sequence lengths, and
+    verify packing and the response-only LM head on the first pairs (``ValueError`` naming the
+    setting to turn off)."""
+    if args.packing and examples:
+        longest = max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) + len(e.get("user_text_ids", []))
+                      for e in examples) + model.n_implicit_tokens
+        refusal = packing_refusal(model.llm, longest)
+        if refusal:
+            raise ValueError(refusal)
+    problem = verify_fast_paths(model, examples, args.packing, args.response_logits_only)
+    if problem:
+        raise ValueError(problem)
+
+
+class FiniteGuard(TrainerCallback):
+    """Stops training at the first non-finite gradient (before the optimizer step) or weight (after
+    it, before any checkpoint is written): the last checkpoint on disk stays the last good one."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            for name, p in model.named_parameters():
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    raise NonFiniteError(f"non-finite gradient (NaN or inf) at step {state.global_step + 1}: {name}; "
+                                         "nothing of this step was applied or saved")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            try:
+                check_finite(trainable, f"the weights after step {state.global_step}")
+            except NonFiniteError as err:
+                raise NonFiniteError(f"{err} (learning rate too large?); training stopped before saving them") from None
 
 
 def personalization_config(args: PDPOConfig) -> PersonalizationConfig:
     return PersonalizationConfig(
-        base_model_name_or_path=_portable_path(args.model_name_or_path),
+        base_model_name_or_path=portable_path(args.model_name_or_path),
         user_model=args.user_model,
         n_user_tokens=args.n_user_tokens,
         n_clusters=args.n_clusters,
@@ -65,14 +147,34 @@ def personalization_config(args: PDPOConfig) -> PersonalizationConfig:
 
 
 class _ResumableTrainer(Trainer):
-    """Resuming picks the newest complete checkpoint; weights are restored by the model's own loader."""
+    """Resuming picks the newest complete checkpoint; weights are restored by the model's own loader.
+    Non-finite losses, gradients and weights stop training (``FiniteGuard``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(FiniteGuard())
+
+    def _registry(self) -> UserRegistry | None:
+        return None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-N folder")
+        if resume_from_checkpoint:
+            check_checkpoint(resume_from_checkpoint, self._registry())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteError(f"non-finite loss (NaN or inf) at step {self.state.global_step + 1}"
+                                 f"{self._nonfinite_detail()}; nothing of this step was applied or saved")
+        return loss
+
+    def _nonfinite_detail(self) -> str:
+        return ""
 
 
 def disable_dropout(module: torch.nn.Module) -> None:
@@ -114,20 +216,19 @@ class PDPOTrainer(_ResumableTrainer):
         if model is None:
             model = PersonalizedLM.build(
                 personalization_config(args), UserRegistry.from_records(train_records),
-                lora_kwargs=args.lora_kwargs(), trust_remote_code=args.trust_remote_code,
+                lora_kwargs=args.lora_kwargs(), trust_remote_code=args.trust_remote_code, load_kwargs=args.load_kwargs(),
             )
-        if args.packing:
-            check_packing_supported(model.llm)
         tokenizer = processing_class or model.tokenizer
         settings = model.tokenize_settings(args.max_length, args.max_prompt_length)
         train = tokenize_dataset(train_records, tokenizer, settings, model.registry, args.train_file or "train_dataset")
         evals = tokenize_dataset(eval_records, tokenizer, settings, model.registry, args.eval_file or "eval_dataset") if eval_records else None
+        check_fast_paths(model, args, train + (evals or []))
 
         ref_path = args.reference_model_name_or_path
-        if reference_model is None and ref_path is not None:  # with LoRA too: the given pi_SFT, not the base
-            reference_model, _ = load_model_and_tokenizer(ref_path, trust_remote_code=args.trust_remote_code)
+        reference_model = training_reference(ref_path, reference_model, trust_remote_code=args.trust_remote_code,
+                                             **args.load_kwargs())
         # recorded for `prlhf eval`, which must score against the reference that training used
-        model.prlhf_config.reference_model_name_or_path = self._reference_record(model, reference_model, ref_path)
+        model.prlhf_config.reference_model_name_or_path = reference_record(model, reference_model, ref_path)
         if args.disable_dropout:
             disable_dropout(model)
             if reference_model is not None:
@@ -153,23 +254,6 @@ class PDPOTrainer(_ResumableTrainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._user_hits = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
 
-    @staticmethod
-    def _reference_record(model: PersonalizedLM, reference_model, ref_path: str | None) -> str | None:
-        """What ``prlhf_config.reference_model_name_or_path`` records: the given path; for a reference
-        object, the folder or hub id it was loaded from (None, with a warning, when it has none);
-        None for LoRA without a reference (its base, adapters disabled); else the base model, the
-        policy's starting point."""
-        if ref_path is not None:
-            return _portable_path(ref_path)
-        if reference_model is not None:
-            name = getattr(reference_model, "name_or_path", None) or getattr(getattr(reference_model, "config", None), "_name_or_path", None)
-            if not name:
-                logger.warning("the reference model passed to PDPOTrainer records no name_or_path: the saved model "
-                               "cannot name its reference, so `prlhf eval` will need --reference")
-                return None
-            return _portable_path(name)
-        return None if model.is_lora else model.prlhf_config.base_model_name_or_path
-
     def reference_for_eval(self) -> torch.nn.Module | None:
         """pi_SFT for ``evaluate_accuracy`` after training, the one training used: the reference the
         trainer holds or was given, None for LoRA without a reference (adapters disabled), else the
@@ -182,9 +266,7 @@ class PDPOTrainer(_ResumableTrainer):
             return self._given_reference
         if pm.is_lora and pm.prlhf_config.reference_model_name_or_path is None:
             return None
-        from .evaluation import load_reference
-
-        return load_reference(pm, trust_remote_code=self.args.trust_remote_code)
+        return load_reference(pm, trust_remote_code=self.args.trust_remote_code, **self.args.load_kwargs())
 
     # -- reference log-probs, once -------------------------------------------------------------
 
@@ -286,6 +368,9 @@ class PDPOTrainer(_ResumableTrainer):
             loss = personalized_loss(out["user"][0], out["generic"][0], self.args.alpha).mean()
         else:
             loss = next(iter(out.values()))[0].mean()
+        self._last_terms = {"reference log-probs": ref.detach(),
+                            **{f"policy log-probs ({n} term)": lp.detach() for n, lp in by_name.items()},
+                            **{f"{n} term of the loss": o[0].detach() for n, o in out.items()}}
 
         main = out.get("user") or out["generic"]
         _, cr, rr, lpc, lpr = main
@@ -310,6 +395,13 @@ class PDPOTrainer(_ResumableTrainer):
         loss, metrics = self.pdpo_loss(model, inputs)
         self._store("train" if model.training else "eval", metrics)
         return (loss, metrics) if return_outputs else loss
+
+    def _nonfinite_detail(self) -> str:
+        bad = [name for name, t in getattr(self, "_last_terms", {}).items() if not bool(torch.isfinite(t).all())]
+        return f": {', '.join(bad)} (beta {self.args.beta}, alpha {self.args.alpha})" if bad else ""
+
+    def _registry(self) -> UserRegistry | None:
+        return self.accelerator.unwrap_model(self.model).registry
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -372,8 +464,15 @@ class PDPOTrainer(_ResumableTrainer):
         """Save with ``PersonalizedLM.save_pretrained`` (base or adapter, user model, registry, config)."""
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
-            Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+            a = self.args
+            training = {"training data": a.train_file, "steps": self.state.global_step, "beta": a.beta, "alpha": a.alpha,
+                        "loss": a.loss_type, "sft_weight": a.sft_weight or None, "learning rate": a.learning_rate,
+                        "user learning rate": a.user_learning_rate}
+            logged = {k: v for entry in self.state.log_history[-2:] for k, v in entry.items()
+                      if isinstance(v, (int, float)) and not k.startswith("rewards/accuracies_user/")}
+            self.accelerator.unwrap_model(self.model).save_pretrained(
+                output_dir, extra_files={"training_args.json": a.to_json_string()}, card_training=training,
+                card_metrics=logged or None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.accelerator.unwrap_model(model or self.model).load_weights_from(resume_from_checkpoint)
@@ -390,7 +489,8 @@ class PSFTTrainer(_ResumableTrainer):
         args = args or PSFTConfig()
         tokenizer = processing_class
         if model is None:
-            model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+            model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code,
+                                                        **args.load_kwargs())
             if args.use_lora:
                 from peft import LoraConfig, get_peft_model
 
@@ -408,6 +508,13 @@ class PSFTTrainer(_ResumableTrainer):
                          processing_class=tokenizer, **kwargs)
         self.model_accepts_loss_kwargs = False
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints and saves as whole folders, atomically, with ``manifest.json``."""
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            check_finite({n: p for n, p in self.model.named_parameters() if p.requires_grad}, f"the weights to save in {output_dir}")
+            save_folder(output_dir, lambda tmp: Trainer._save(self, str(tmp)))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mask = inputs["attention_mask"]
         logits = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
@@ -423,7 +530,12 @@ class PSFTTrainer(_ResumableTrainer):
         if self.args.should_save:
             if hasattr(model, "merge_and_unload"):
                 model = copy.deepcopy(model).merge_and_unload()
-            model.save_pretrained(output_dir)
-            self.processing_class.save_pretrained(output_dir)
-            Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+            check_finite(dict(model.named_parameters()), f"the weights to save in {output_dir}")
+
+            def write(tmp: Path) -> None:
+                model.save_pretrained(tmp)
+                self.processing_class.save_pretrained(tmp)
+                (tmp / "training_args.json").write_text(self.args.to_json_string())
+
+            save_folder(output_dir, write)
         return output_dir

@@ -67,5 +67,20 @@ class UserRegistry:
 
     @classmethod
     def load(cls, path: str | Path) -> "UserRegistry":
-        data = json.loads(Path(path).read_text())
-        return cls(data["users"], data.get("user_texts"))
+        """A saved registry; errors name the file and what is wrong with it."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the user registry is missing")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        users = data.get("users") if isinstance(data, dict) else None
+        if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+            raise ValueError(f"{path}: field 'users' must be a list of user-id strings")
+        if len(set(users)) != len(users):
+            raise ValueError(f"{path}: field 'users' lists a user id twice")
+        texts = data.get("user_texts") or {}
+        if not isinstance(texts, dict):
+            raise ValueError(f"{path}: field 'user_texts' must be an object {{user_id: text}}")
+        return cls(users, texts)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import DataError
+from ..storage import MANIFEST_NAME, atomic_write_text, check_output_path, save_folder, write_manifest
+
+
+FRACTION_OPTIONS = ("test_fraction", "long_share", "unseen_fraction", "majority_share")
 
 
 @dataclass
@@ -32,6 +34,12 @@ class Conversion:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     notes: Counter = field(default_factory=Counter)  # things done to kept records, e.g. prompts cleaned
     options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key in FRACTION_OPTIONS:
+            value = self.options.get(key)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{self.source}: {key} must lie in [0, 1], got {value!r}")
 
     @property
     def written(self) -> int:
@@ -85,58 +93,46 @@ def assign_split(conv: Conversion, rec: dict, prompt_key: str, test_fraction: fl
         conv.train.append(rec)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def write_conversion(conv: Conversion, out_dir: str | Path) -> Path:
-    """Write the split files and ``users.json`` (each file atomically)."""
+OUTPUT_NAMES = ("train.jsonl", "test.jsonl", "unseen.jsonl", "users.json", MANIFEST_NAME)
+
+
+def write_conversion(conv: Conversion, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the split files and ``users.json`` as one folder, atomically (with ``manifest.json``).
+
+    A non-empty folder is refused unless ``overwrite``; then the files of the previous conversion
+    are replaced as a whole (an ``unseen.jsonl`` of an earlier conversion never survives) and
+    other files in the folder are left alone."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "train.jsonl", conv.train)
-    write_jsonl(out / "test.jsonl", conv.test)
-    if conv.unseen or any(not u["seen"] for u in conv.users.values()):
-        write_jsonl(out / "unseen.jsonl", conv.unseen)
+    check_output_path(out, "--output")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output {out}: is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            names = sorted(p.name for p in out.iterdir())
+            raise ValueError(f"{out}: not empty ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); "
+                             "pass --overwrite to replace the conversion in it, or choose an empty folder")
+        for name in OUTPUT_NAMES:
+            if (out / name).is_file():
+                (out / name).unlink()
+    if not conv.train and not conv.test and not conv.unseen:
+        raise ValueError(f"{conv.source}: the conversion holds no pairs ({conv.summary_dict()}); nothing written")
     users = [{"user_id": uid, **info} for uid, info in conv.users.items()]
     meta = {"source": conv.source, "options": conv.options, "summary": conv.summary_dict(), "users": users}
-    _atomic_write_text(out / "users.json", json.dumps(meta, indent=1, ensure_ascii=False))
+
+    def write(tmp: Path) -> None:
+        write_jsonl(tmp / "train.jsonl", conv.train)
+        write_jsonl(tmp / "test.jsonl", conv.test)
+        if conv.unseen or any(not u["seen"] for u in conv.users.values()):
+            write_jsonl(tmp / "unseen.jsonl", conv.unseen)
+        atomic_write_text(tmp / "users.json", json.dumps(meta, indent=1, ensure_ascii=False))
+
+    if out.is_dir() and any(out.iterdir()):  # --overwrite: old outputs are gone, other files stay as they are
+        write(out)
+        write_manifest(out, [n for n in OUTPUT_NAMES if n != MANIFEST_NAME and (out / n).is_file()])
+    else:
+        save_folder(out, write)
     return out
-
-
-def load_hub_dataset(name: str, config: str | None, split: str):
-    """A hub data set through ``datasets`` (only when the hub is reachable)."""
-    try:
-        from datasets import load_dataset
-
-        return [dict(r) for r in load_dataset(name, config, split=split)]
-    except Exception as err:  # noqa: BLE001
-        raise DataError(f"{name}: not a local file, and loading it from the Hugging Face hub failed "
-                        f"({type(err).__name__}: {str(err)[:200]}). Offline, pass a local file.") from None
-
-
-def where(path, i: int, row: dict) -> str:
-    line = row.get("_line")
-    return f"{path}: record {i}" + (f" (line {line})" if line else "")
-
-
-FORMATS = ("chat", "text")
-
-
-def instruction_pair(instruction: str, chosen: str, rejected: str, fmt: str = "chat") -> dict:
-    """An instruction and two answers as canonical fields: chat messages (``chat``, through the
-    tokenizer's chat template) or plain text ``"Instruction: ...\\nResponse:"`` + ``" " + answer``."""
-    if fmt == "chat":
-        return {"prompt": [{"role": "user", "content": instruction}],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}]}
-    if fmt == "text":
-        return {"prompt": f"Instruction: {instruction}\nResponse:", "chosen": " " + chosen.strip(),
-                "rejected": " " + rejected.strip()}
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")

@@ -72,8 +72,8 @@ def _check(row: dict, w: str, label: str) -> None:
         raise DataError(f"{w}: field 'choice' must be 0 or 1, got {row.get('choice')!r}")
 
 
-def _is_supervised(policy: str | None) -> bool:
-    return policy is not None and "sup" in policy and "ppo" not in policy
+def _is_supervised(policy) -> bool:
+    return isinstance(policy, str) and "sup" in policy and "ppo" not in policy
 
 
 def convert_tldr(input: str, label: str = "human", long_share: float = 0.7, top_k: int | None = 10,
@@ -100,6 +100,9 @@ def convert_tldr(input: str, label: str = "human", long_share: float = 0.7, top_
         a, b = row["summaries"]
         if sft_only and not (_is_supervised(a.get("policy")) and _is_supervised(b.get("policy"))):
             conv.skip("not both supervised policies (--sft-only)")
+            continue
+        if not a["text"].strip() or not b["text"].strip():
+            conv.skip("empty summary")
             continue
         if a["text"].strip() == b["text"].strip():
             conv.skip("identical summaries")

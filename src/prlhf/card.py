@@ -1,0 +1,43 @@
+"""The model card (``README.md``) written with every saved personalized model: what it was built
+from (base model, reference, user model, users), how it was trained (data, settings) and, when
+known, its last training metrics, in the Hugging Face model-card layout (YAML metadata first)."""
+
+from __future__ import annotations
+
+import json
+
+
+def model_card(config, n_users: int, n_user_texts: int = 0, training: dict | None = None,
+               metrics: dict | None = None) -> str:
+    """Markdown for a personalized model. ``config`` is its ``PersonalizationConfig``; ``training``
+    holds settings worth reporting (data file, steps, beta, alpha, ...); ``metrics`` the last logged
+    training metrics."""
+    base = config.base_model_name_or_path
+    kind = {"none": "none (vanilla DPO)", "uniform": "uniform (one shared soft prompt: vanilla DPO)",
+            "individual": "individual (e_0 plus a per-user offset)",
+            "cluster": f"cluster ({config.n_clusters} cluster embeddings mixed per user, {config.cluster_weighting})"}
+    lines = ["---", "library_name: prlhf", f"base_model: {json.dumps(base)}",
+             "tags:", "- prlhf", "- p-dpo", "- personalization"] + (["- lora"] if config.use_lora else []) + ["---", "",
+             f"# Personalized {base.rstrip('/').split('/')[-1]}", "",
+             "A causal LM personalized with P-RLHF / P-DPO (Li et al., *Personalized Language Modeling from "
+             "Personalized Human Feedback*, arXiv 2402.05133) by [prlhf](https://pypi.org/project/prlhf/): a user "
+             "model turns each user into a soft prompt prepended to the input embeddings.", "",
+             "| | |", "|---|---|",
+             f"| base model | `{base}` |",
+             f"| weights | {'LoRA adapter on the base model' if config.use_lora else 'full model'} |",
+             f"| reference (pi_SFT) | `{config.reference_model_name_or_path or (base + ' (adapters disabled)' if config.use_lora else base)}` |",
+             f"| user model | {kind.get(config.user_model, config.user_model)} |",
+             f"| user tokens (T_u) | {config.n_implicit_tokens} |",
+             f"| users | {n_users} known (unknown ids get the generic user e_0){f'; {n_user_texts} with a text' if n_user_texts else ''} |"]
+    for key, value in (training or {}).items():
+        if value is not None:
+            lines.append(f"| {key} | `{value}` |")
+    if metrics:
+        lines += ["", "## Last training metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+    lines += ["", "## Use", "", "```python", "from prlhf import PersonalizedLM", "",
+              "model = PersonalizedLM.from_pretrained(\"<this folder>\")",
+              "print(model.generate([\"Your prompt\"], user_ids=[\"<a user id>\"])[0])", "```", "",
+              "or `prlhf generate --model <this folder> --user <id> --prompt ...`; `users.json` lists the users, "
+              "`manifest.json` the SHA-256 of every file.", ""]
+    return "\n".join(lines)
