@@ -189,7 +189,7 @@ def test_injection_by_hand_equals_production():
 
     model = build_model(user_model="individual", n_tokens=3)
     um, tok, T_u = model.user_model, model.tokenizer, 3
-    table = model.llm.get_input_embeddings().weight
+    table = model.llm.get_input_embeddings()  # the module: some families (Gemma) scale in it
     records = RECS + [dict(RECS[0], user_id=None)]  # the generic user: e_0 alone
     batch = collate(model, records)
     with torch.no_grad():
@@ -202,9 +202,9 @@ def test_injection_by_hand_equals_production():
                 prompt_ids, response_ids = tokenize_response(tok, rec["prompt"], response)
                 assert prompt_ids[0] == tok.bos_token_id
                 ids = torch.tensor(prompt_ids + response_ids)
-                embeds = torch.cat([table[ids[:1]], e_u, table[ids[1:]]]).unsqueeze(0)
+                embeds = torch.cat([table(ids[:1]), e_u, table(ids[1:])]).unsqueeze(0)
                 logits = model.llm(inputs_embeds=embeds).logits[0]  # positions 0..L+T_u-1, no mask
                 start = len(prompt_ids) + T_u  # first response token
                 logp = F.log_softmax(logits[start - 1:-1].float(), -1)
                 expected = logp.gather(1, torch.tensor(response_ids).unsqueeze(1)).sum()
-                assert got[column].item() == pytest.approx(expected.item(), abs=1e-5)
+                assert got[column].item() == pytest.approx(expected.item(), abs=1e-4)

@@ -174,11 +174,14 @@ def test_user_id_in_prompt_baseline_trains_saves_and_scores_the_tagged_prompt(tm
     trainer.save_model()
     loaded = PersonalizedLM.from_pretrained(trainer.args.output_dir)
     assert loaded.user_model is None and loaded.prlhf_config.user_id_prompt == "[user: {user_id}]\n"
+    from prlhf.reference import load_reference
+
+    ref = load_reference(loaded)  # the recorded pi_SFT: the tiny-llama base
     rec = records[0]
-    own = evaluate_accuracy(loaded, [rec], None)["pairs"][0]["margin"]
-    other = evaluate_accuracy(loaded, [dict(rec, user_id="short_fan")], None)["pairs"][0]["margin"]
+    own = evaluate_accuracy(loaded, [rec], ref)["pairs"][0]["margin"]
+    other = evaluate_accuracy(loaded, [dict(rec, user_id="short_fan")], ref)["pairs"][0]["margin"]
     assert abs(own - other) > 1e-6  # another id, another prompt, another score
     template = loaded.prlhf_config.user_id_prompt
     loaded.prlhf_config.user_id_prompt = None  # now a plain model: the tag must be in the text itself
     tagged = dict(rec, prompt=template.format(user_id=rec["user_id"]) + rec["prompt"], user_id=None)
-    assert evaluate_accuracy(loaded, [tagged], None)["pairs"][0]["margin"] == pytest.approx(own, abs=1e-5)
+    assert evaluate_accuracy(loaded, [tagged], ref)["pairs"][0]["margin"] == pytest.approx(own, abs=1e-5)

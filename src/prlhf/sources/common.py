@@ -136,3 +136,35 @@ def write_conversion(conv: Conversion, out_dir: str | Path, overwrite: bool = Fa
     else:
         save_folder(out, write)
     return out
+
+
+def load_hub_dataset(name: str, config: str | None, split: str):
+    """A hub data set through ``datasets`` (only when the hub is reachable)."""
+    try:
+        from datasets import load_dataset
+
+        return [dict(r) for r in load_dataset(name, config, split=split)]
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{name}: not a local file, and loading it from the Hugging Face hub failed "
+                        f"({type(err).__name__}: {str(err)[:200]}). Offline, pass a local file.") from None
+
+
+def where(path, i: int, row: dict) -> str:
+    line = row.get("_line")
+    return f"{path}: record {i}" + (f" (line {line})" if line else "")
+
+
+FORMATS = ("chat", "text")
+
+
+def instruction_pair(instruction: str, chosen: str, rejected: str, fmt: str = "chat") -> dict:
+    """An instruction and two answers as canonical fields: chat messages (``chat``, through the
+    tokenizer's chat template) or plain text ``"Instruction: ...\\nResponse:"`` + ``" " + answer``."""
+    if fmt == "chat":
+        return {"prompt": [{"role": "user", "content": instruction}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+    if fmt == "text":
+        return {"prompt": f"Instruction: {instruction}\nResponse:", "chosen": " " + chosen.strip(),
+                "rejected": " " + rejected.strip()}
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
