@@ -141,9 +141,7 @@ def test_lora_training_uses_disabled_adapters_as_reference(tmp_path):
     lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
     assert lora_b and max(p.abs().max().item() for p in lora_b) > 0
     # and the policy with the user prefix removed differs from the reference: the LLM itself changed
-    from prlhf.evaluation import evaluate_accuracy as ev
-
-    generic_only = ev(trainer.model, [dict(r, user_id=None) for r in records], None)
+    generic_only = evaluate_accuracy(trainer.model, [dict(r, user_id=None) for r in records], None)
     assert any(abs(p["margin"]) > 1e-4 for p in generic_only["pairs"])
 
 

@@ -45,6 +45,19 @@ def _to_flags(key: str, value) -> list[str]:
     return [f"--{key}", str(value)]
 
 
+def read_yaml_config(path: Path) -> dict:
+    """A YAML config file as a mapping, with errors naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    return data
+
+
 def parse_config(cls, argv: list[str], ignore: set[str] = frozenset()):
     """A config dataclass from ``--config file.yaml`` plus ``--field value`` flags (flags win).
     YAML keys in ``ignore`` are skipped (one recipe serves ``sft`` and ``train``); other unknown
@@ -57,14 +70,7 @@ def parse_config(cls, argv: list[str], ignore: set[str] = frozenset()):
     flags: list[str] = []
     if known.config:
         path = Path(known.config)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
+        data = read_yaml_config(path)
         names = {f.name for f in dataclasses.fields(cls)}
         skipped = sorted(k for k in data if k not in names and k in ignore)
         if skipped:
@@ -387,15 +393,8 @@ def _yaml_to_argparse_flags(argv: list[str]) -> list[str]:
     i = argv.index("--config")
     if i + 1 >= len(argv):
         raise ConfigError("--config needs a YAML file")
-    path, rest = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys")
+    rest = argv[:i] + argv[i + 2:]
+    data = read_yaml_config(Path(argv[i + 1]))
     flags = []
     for key, value in data.items():
         flag = "--" + str(key).replace("_", "-")
