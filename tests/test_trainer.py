@@ -183,3 +183,42 @@ def test_user_id_in_prompt_baseline_trains_saves_and_scores_the_tagged_prompt(tm
     loaded.prlhf_config.user_id_prompt = None  # now a plain model: the tag must be in the text itself
     tagged = dict(rec, prompt=template.format(user_id=rec["user_id"]) + rec["prompt"], user_id=None)
     assert evaluate_accuracy(loaded, [tagged], ref)["pairs"][0]["margin"] == pytest.approx(own, abs=1e-5)
+
+
+def test_alpha_sampling_scores_each_pair_under_the_drawn_term(tmp_path, monkeypatch):
+    """alpha_sampling: a pair drawn for the user term has exactly the full objective's user-term
+    loss, a pair drawn for the generic term its generic-term loss; so the expected loss is the alpha mix."""
+    import prlhf.trainer as trainer_module
+
+    records = two_user_records(n_prompts=2)  # 4 pairs of two users
+    model = model_for("individual", ["long_fan", "short_fan"], user_offset_init="vocab")
+    trainer = PDPOTrainer(model=model, args=args(tmp_path, max_steps=1, sft_weight=0.3, alpha=0.3), train_dataset=records)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.train()
+    full, _ = trainer.pdpo_loss(model, batch)
+    user_terms = trainer._last_terms["user term of the loss"]
+    generic_terms = trainer._last_terms["generic term of the loss"]
+    assert torch.allclose(full, (0.3 * user_terms + 0.7 * generic_terms).mean())
+    trainer.args.alpha_sampling = True
+    draws = torch.tensor([0.1, 0.9, 0.5, 0.2])  # < alpha: user term for pairs 0 and 3
+    monkeypatch.setattr(trainer_module.torch, "rand", lambda n, device=None: draws[:n])
+    sampled, metrics = trainer.pdpo_loss(model, batch)
+    pick = torch.tensor([True, False, False, True])
+    expected = torch.where(pick, user_terms, generic_terms)
+    assert torch.allclose(trainer._last_terms["sampled terms of the loss"], expected, atol=1e-6)
+    assert torch.allclose(sampled, expected.mean(), atol=1e-6)
+    assert len(metrics["_hits"][0]) == 2  # per-user accuracy counts the user-term pairs only
+    model.eval()  # evaluation runs both terms whatever alpha_sampling says
+    exact, _ = trainer.pdpo_loss(model, batch)
+    assert torch.allclose(exact, full, atol=1e-6)
+
+
+def test_alpha_sampling_learns_opposite_preferences(tmp_path):
+    records = two_user_records(n_prompts=24)
+    # twice the epochs of the full objective above: the same number of term evaluations
+    a = args(tmp_path, num_train_epochs=6, per_device_train_batch_size=8, user_model="individual", alpha_sampling=True,
+             n_user_tokens=4, user_learning_rate=1e-2, train_sampling_strategy="random", logging_steps=100)
+    trainer = PDPOTrainer(args=a, train_dataset=records)
+    trainer.train()
+    acc = evaluate_accuracy(trainer.model, records, trainer.reference_for_eval())["accuracy"]["per_user"]
+    assert acc["long_fan"] >= 0.9 and acc["short_fan"] >= 0.9

@@ -120,6 +120,10 @@ class PDPOConfig(PrlhfArguments):
                                  "instead of, or besides, a user model; what people do with TRL today.")
     user_id_prompt: str = _f("[user: {user_id}]\n", "Template of the user id written into the prompt.")
     alpha: float = _f(0.5, "Weight of the user-specific term; 1 - alpha weighs the generic-user term that teaches e_0.")
+    alpha_sampling: bool = _f(False, "Score each training pair under ONE term, drawn per pair: the user's (probability "
+                              "alpha) or the generic user's (1 - alpha). The loss is an unbiased estimate of the "
+                              "alpha mix at half the forward/backward cost of running both terms (more steps per "
+                              "hour, noisier gradients); evaluation always runs both terms.")
     beta: float = _f(0.1, "DPO temperature beta: strength of the KL constraint to the reference.")
     loss_type: str = _f("sigmoid", f"Preference loss: one of {LOSS_TYPES}.")
     label_smoothing: float = _f(0.0, "Conservative-DPO label smoothing (sigmoid loss only).")

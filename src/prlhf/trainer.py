@@ -333,6 +333,8 @@ class PDPOTrainer(_ResumableTrainer):
         user_rows = batch["user_rows"]  # (B,)
         B = user_rows.shape[0]
         need_user, need_generic = self.terms_needed(pm)
+        if need_user and need_generic and self.args.alpha_sampling and model.training:
+            return self._sampled_pdpo_loss(model, pm, batch)
         # with both terms, pairs of the generic user itself have equal terms: their generic rows are not run twice
         selected = user_rows != GENERIC_ROW if need_user and need_generic else None
         terms = [("user", user_rows, None)] if need_user else []
@@ -389,6 +391,51 @@ class PDPOTrainer(_ResumableTrainer):
             metrics["rewards_generic/accuracies"] = (gcr > grr).float().mean().item()
             metrics["rewards_generic/margins"] = (gcr - grr).mean().item()
         metrics["_hits"] = (rows_all.tolist(), (cr > rr).float().tolist())
+        return loss, metrics
+
+    def _sampled_pdpo_loss(self, model, pm: PersonalizedLM, batch: dict) -> tuple[torch.Tensor, dict]:
+        """``alpha_sampling``: each pair is scored once, under its user with probability alpha and
+        under the generic user otherwise (drawn from torch's global generator, which the Trainer
+        seeds and checkpoints), in one forward pass of the batch's size. E[loss] equals the alpha
+        mix of ``pdpo_loss`` (the per-pair terms are the same functions), at half its cost."""
+        user_rows = batch["user_rows"]
+        B = user_rows.shape[0]
+        use_user = torch.rand(B, device=user_rows.device) < self.args.alpha
+        rows = torch.where(use_user, user_rows, torch.full_like(user_rows, GENERIC_ROW))
+        full_logits = not self.args.response_logits_only
+        lp = model(pairs=batch, terms=[(rows, None)], full_logits=full_logits)[0]  # (2B,)
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"].to(lp.dtype)
+        else:
+            ref = pm.reference_pair_logps(batch, self.reference_model, full_logits=full_logits)
+        losses, cr, rr = preference_loss(lp[:B], lp[B:], ref[:B], ref[B:], self.args.beta, self.args.loss_type,
+                                         self.args.label_smoothing)
+        metrics = {}
+        if self.args.sft_weight:
+            nll = -lp[:B] / batch["n_tokens"][:B].clamp(min=1)
+            losses = losses + self.args.sft_weight * nll
+            metrics["nll/sampled"] = nll.detach().mean().item()
+        loss = losses.mean()
+        self._last_terms = {"reference log-probs": ref.detach(), "policy log-probs (sampled terms)": lp.detach(),
+                            "sampled terms of the loss": losses.detach()}
+        g = self.accelerator.gather_for_metrics
+        cr, rr, lpc, lpr = g(cr.detach()), g(rr.detach()), g(lp[:B].detach()), g(lp[B:].detach())
+        use_user, rows_all = g(use_user), g(user_rows)
+        hit = (cr > rr).float()
+        metrics["rewards/chosen"] = cr.mean().item()
+        metrics["rewards/rejected"] = rr.mean().item()
+        metrics["rewards/margins"] = (cr - rr).mean().item()
+        metrics["logps/chosen"] = lpc.mean().item()
+        metrics["logps/rejected"] = lpr.mean().item()
+        metrics["logps/ref_chosen"] = g(ref[:B]).mean().item()
+        metrics["logps/ref_rejected"] = g(ref[B:]).mean().item()
+        # accuracies per term over the pairs that drew it (a term no pair drew logs nothing this step)
+        if bool(use_user.any()):
+            metrics["rewards/accuracies"] = hit[use_user].mean().item()
+        if bool((~use_user).any()):
+            metrics["rewards_generic/accuracies"] = hit[~use_user].mean().item()
+            metrics["rewards_generic/margins"] = (cr - rr)[~use_user].mean().item()
+        metrics["_hits"] = (rows_all[use_user].tolist(), hit[use_user].tolist())
         return loss, metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
