@@ -33,3 +33,33 @@ def test_step_speed_writes_the_json_contract(tmp_path):
     # TRL with precomputed reference log-probs computes TRL's loss on the same batch
     assert abs(result["losses"]["trl_dpo_precompute"][0] - result["losses"]["trl_dpo"][0]) < 1e-4
     assert "pdpo_alpha_0.5/trl_dpo_precompute" in result["ratios"]
+
+
+def test_adapt_speed_writes_the_json_contract(tmp_path):
+    out = tmp_path / "adapt.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "adapt_speed.py"), "--model", "tiny-llama", "--data", "synthetic",
+           "--new-users", "2", "--k", "4", "--steps", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["seconds_per_user"]) == {"together", "one_at_a_time"}
+    assert all(v > 0 for v in result["seconds_per_user"].values()) and result["reference_seconds_per_user"] > 0
+    assert result["k"] == 4 and result["new_users"] == 2 and result["tokens"]["prompt"] > 0
+    assert "| tiny-llama | 4 | 2 |" in proc.stdout
+
+
+def test_serve_load_runs_bounded_on_loopback(tmp_path):
+    import pytest
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    out = tmp_path / "load.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--model", "tiny-llama", "--clients", "4",
+           "--requests", "8", "--max-tokens", "4", "--timeout", "240", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for phase in ("sequential", "concurrent"):
+        assert result[phase]["requests"] == 8 and result[phase]["errors"] == 0
+        assert result[phase]["latency_p95"] >= result[phase]["latency_p50"] > 0
+    assert result["speedup"] > 0

@@ -25,6 +25,17 @@ def test_demo_pipeline_writes_the_report_contract(tmp_path, capsys):
     for name in ("report.md", "lengths.png", "accuracy_per_user.png", "generations.jsonl"):
         assert (out / name).is_file(), name
     assert "| method |" in (out / "report.md").read_text()
+    # the cold-start contract: new users' learning curves, seen and text-only accuracy
+    cs = saved["cold_start"]
+    assert isinstance(cs["seen_accuracy"], float) and isinstance(cs["text_only_accuracy"], float)
+    assert set(cs["curves"]) == {"individual"}  # the cluster model was not trained in this run
+    for strategy in ("random", "active"):
+        curve = cs["curves"]["individual"][strategy]
+        assert set(curve) == {"0", "1", "2", "4", "8", "16", "32"} and all(0 <= v <= 1 for v in curve.values())
+    assert cs["curves"]["individual"]["random"]["0"] == cs["curves"]["individual"]["active"]["0"]  # both: the generic user
+    assert (out / "cold_start.png").is_file() and "## New users (cold start)" in (out / "report.md").read_text()
+    texts = [json.loads(line)["user_text"] for line in (out / "data_text" / "unseen.jsonl").read_text().splitlines()]
+    assert all(texts) and not any(json.loads(line)["user_text"] for line in (out / "data" / "train.jsonl").read_text().splitlines())
     findings = check_findings(report)
     assert set(findings) >= {"dpo: seen accuracy within 0.10 of majority_share", "runtime <= 600 s"}
     assert all(isinstance(v, bool) for v in findings.values())

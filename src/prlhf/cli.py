@@ -9,6 +9,11 @@
     prlhf data convert {tldr,psoups,prism,dsp} --input PATH --output DIR [options]
     prlhf data synth --output DIR [options]
     prlhf data inspect FILE [--json]
+    prlhf adapt --model DIR --data NEW_USERS.jsonl --output DIR2 [--steps N] [--reset]
+    prlhf adapt --model DIR --suggest N --candidates PAIRS.jsonl [--output FILE]
+    prlhf users list|export|remove --model DIR [--user ID]
+    prlhf serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]   OpenAI-compatible server
+    prlhf judge --generations FILE --a METHOD --b METHOD --base-url URL --model NAME --output judge.json
 
 Exit codes: 0 done, 2 bad input or a refused setting, 3 a non-finite (NaN or inf) loss, gradient,
 weight or log-prob, 1 anything unexpected. --debug shows the Python traceback.
@@ -377,6 +382,9 @@ def _data_parser() -> argparse.ArgumentParser:
     sy.add_argument("--test-fraction", type=float, default=0.2)
     sy.add_argument("--format", choices=["chat", "text"], default="text")
     sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--user-texts", action="store_true",
+                    help="give every user a profile text consistent with their preference (the explicit user model)")
+    sy.add_argument("--unseen-pairs-per-user", type=int, default=None, help="pairs of each unseen user (default: --pairs-per-user)")
     sy.add_argument("--overwrite", action="store_true", help="replace the data in a non-empty --output folder")
 
     ins = sub.add_parser("inspect", help="users, pairs per user, agreement, accuracy ceilings")
@@ -426,7 +434,8 @@ def cmd_data(argv: list[str]) -> int:
         return 0
     if a.action == "synth":
         conv = synthesize(a.n_users, a.unseen_users, a.majority_share, a.n_prompts, a.pairs_per_user,
-                          tuple(_csv(a.attributes)), a.test_fraction, a.seed, a.format)
+                          tuple(_csv(a.attributes)), a.test_fraction, a.seed, a.format, user_texts=a.user_texts,
+                          unseen_pairs_per_user=a.unseen_pairs_per_user)
     else:
         kw = {k: v for k, v in vars(a).items() if k not in ("action", "source", "output", "overwrite")}
         kw = {k.replace("-", "_"): v for k, v in kw.items()}
@@ -446,6 +455,199 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
+def cmd_adapt(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="prlhf adapt", description="Few-shot adaptation: add the users of a few labelled pairs to a trained "
+        "model and fit only their own parameters (everything else frozen); or, with --suggest, pick the candidate "
+        "comparisons to ask a new user about.")
+    p.add_argument("--model", required=True, help="a trained model folder (individual or cluster user model)")
+    p.add_argument("--data", help="labelled pairs of the users to adapt (JSONL or JSON, the usual preference format)")
+    p.add_argument("--output", help="adaptation: the model folder to write (may be --model itself); "
+                   "--suggest: the JSONL file to write (default: standard output)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
+    p.add_argument("--reset", action="store_true", help="users the model already knows restart as the generic "
+                   "user instead of continuing from their current parameters")
+    p.add_argument("--learning-rate", "--learning_rate", type=float, default=None,
+                   help="Adam learning rate of the users' parameters (default: the training's user learning rate, else 1e-2)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=16)
+    p.add_argument("--beta", type=float, default=None, help="default: the training's beta (training_args.json), else 0.1")
+    p.add_argument("--sft-weight", "--sft_weight", type=float, default=None, help="default: the training's")
+    p.add_argument("--max-length", "--max_length", type=int, default=None, help="default: the training's, else 1024")
+    p.add_argument("--max-prompt-length", "--max_prompt_length", type=int, default=None)
+    p.add_argument("--reference", default=None, help="pi_SFT (default: the one the model records)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--suggest", type=int, default=None, metavar="N", help="pick N comparisons to ask a new user about")
+    p.add_argument("--candidates", help="with --suggest: unlabelled candidate pairs (prompt, chosen, rejected; the "
+                   "order of the two responses carries no label)")
+    p.add_argument("--strategy", choices=("active", "random"), default="active",
+                   help="with --suggest: committee disagreement (active) or uniform choice (random)")
+    p.add_argument("--user", default=None, help="with --suggest: the user id written into the suggested records")
+    a = p.parse_args(argv)
+    import torch
+
+    from .adapt import adapt_users, suggest_pairs, training_objective
+    from .data import load_preference_data
+    from .modeling import PersonalizedLM
+    from .persistence import resolve_saved_model
+    from .reference import load_reference
+    from .storage import check_output_path
+
+    torch.manual_seed(a.seed)
+    if a.suggest is not None:
+        if not a.candidates:
+            raise ConfigError("--suggest needs --candidates PAIRS.jsonl")
+        if a.output:
+            check_output_path(a.output, "--output")
+        candidates = load_preference_data(a.candidates)
+        model = PersonalizedLM.from_pretrained(a.model)
+        objective = training_objective(resolve_saved_model(a.model))
+        picked = suggest_pairs(model, candidates, a.suggest, load_reference(model, a.reference), a.strategy, a.seed,
+                               beta=a.beta or objective.get("beta", 0.1), batch_size=a.batch_size,
+                               max_length=a.max_length or objective.get("max_length", 1024),
+                               max_prompt_length=a.max_prompt_length or objective.get("max_prompt_length", 512))
+        lines = []
+        for rank, i in enumerate(picked):
+            rec = {k: v for k, v in candidates[i].items() if k not in ("index", "_line")}
+            if a.user is not None:
+                rec["user_id"] = a.user
+            rec.update(suggest_rank=rank + 1, candidate_index=i)
+            lines.append(json.dumps(rec, ensure_ascii=False))
+        text = "\n".join(lines) + ("\n" if lines else "")
+        if a.output:
+            from .storage import atomic_write_text
+
+            atomic_write_text(a.output, text)
+            print(f"wrote {len(picked)} of {len(candidates)} candidates ({a.strategy}) to {a.output}: label each "
+                  "(swap chosen and rejected where the user prefers the other) and pass the file to --data")
+        else:
+            sys.stdout.write(text)
+        return 0
+    if not a.data or not a.output:
+        raise ConfigError("adaptation needs --data NEW_USERS.jsonl and --output DIR2 (or --suggest N --candidates FILE)")
+    check_output_path(a.output, "--output")
+    records = load_preference_data(a.data)
+    source = resolve_saved_model(a.model)
+    model = PersonalizedLM.from_pretrained(source)
+    objective = training_objective(source)
+    reference = load_reference(model, a.reference)
+    result = adapt_users(model, records, reference, steps=a.steps, learning_rate=a.learning_rate,
+                         batch_size=a.batch_size, reset=a.reset, beta=a.beta, sft_weight=a.sft_weight,
+                         max_length=a.max_length, max_prompt_length=a.max_prompt_length, seed=a.seed,
+                         objective=objective, name=a.data)
+    extra = {"adaptation.json": json.dumps({**result.to_dict(), "data": a.data, "from": str(a.model)}, indent=1)}
+    if (Path(source) / "training_args.json").is_file():
+        extra["training_args.json"] = (Path(source) / "training_args.json").read_text(encoding="utf-8")
+    model.save_pretrained(a.output, extra_files=extra)
+    print("| user | new | pairs (total) |\n|---|---|---|")
+    for uid in result.adapted_users:
+        print(f"| {uid} | {'yes' if uid in result.new_users else 'no'} | {model.registry.pair_counts.get(uid)} |")
+    acc = "-" if result.train_accuracy is None else f"{result.train_accuracy:.3f}"
+    print(f"\nadapted {len(result.adapted_users)} users ({len(result.new_users)} new) on {result.n_pairs} pairs, "
+          f"{result.steps} steps in {result.seconds:.1f} s (reference pass {result.reference_seconds:.1f} s); "
+          f"training accuracy {acc}; wrote {a.output}")
+    return 0
+
+
+def cmd_users(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="prlhf users", description="What a trained model holds about its users: list "
+                                "them, export one user's data as JSON, or remove (forget) one user.")
+    p.add_argument("action", choices=("list", "export", "remove"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--user", default=None, help="the user id (export, remove)")
+    p.add_argument("--json", action="store_true", help="list: print JSON instead of a table")
+    a = p.parse_args(argv)
+    from .adapt import export_user, list_users, remove_user
+
+    if a.action == "list":
+        rows = list_users(a.model)
+        if a.json:
+            print(json.dumps(rows, indent=1, ensure_ascii=False))
+        else:
+            print("| user | row | pairs | text |\n|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['user_id']} | {r['row']} | {'-' if r['n_pairs'] is None else r['n_pairs']} | "
+                      f"{'yes' if r['has_text'] else 'no'} |")
+            print(f"\n{len(rows)} users (row 0 is the generic user, who serves every other id)")
+        return 0
+    if a.user is None:
+        raise ConfigError(f"prlhf users {a.action} needs --user ID")
+    try:
+        if a.action == "export":
+            print(json.dumps(export_user(a.model, a.user), indent=1, ensure_ascii=False))
+        else:
+            removed = remove_user(a.model, a.user)
+            print(f"removed user {a.user!r} (row {removed['row']}, {removed['n_pairs']} pairs) from {a.model}; "
+                  "the id is now served as the generic user")
+    except KeyError as err:
+        raise ConfigError(err.args[0]) from None
+    return 0
+
+
+def cmd_serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="prlhf serve", description="An OpenAI-compatible server (chat and text "
+                                "completions, streaming) for a personalized model: the request's 'user' selects "
+                                "the user embedding.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    p.add_argument("--served-model-name", default=None, help="the model id in /v1/models (default: the folder's name)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the first request of a batch waits for others")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--device", default=None, help="cpu, cuda, auto (default: cpu)")
+    a = p.parse_args(argv)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ConfigError("prlhf serve needs FastAPI and uvicorn: pip install 'prlhf[serve]' "
+                          "(or pip install fastapi uvicorn)") from None
+    from .serve import serve
+
+    serve(a.model, a.host, a.port, a.api_key, a.served_model_name, a.max_batch_size, a.batch_wait_ms, a.max_tokens_limit,
+          a.device)
+    return 0
+
+
+def cmd_judge(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="prlhf judge", description="Pairwise LLM-as-judge win rates of method A against "
+                                "method B over an OpenAI-compatible endpoint, from the generations.jsonl of "
+                                "`prlhf eval --generate N --report DIR`.")
+    p.add_argument("--generations", required=True)
+    p.add_argument("--a", required=True, help="method A (its name in generations.jsonl)")
+    p.add_argument("--b", required=True, help="method B")
+    p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1")
+    p.add_argument("--model", required=True, help="the judge model's name at that endpoint")
+    p.add_argument("--template", default="generic", help="generic, psoups, prism, or a template file of your own")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--output", required=True, help="judge.json")
+    p.add_argument("--cache", default=None, help="judgment cache (default: OUTPUT with .cache.jsonl)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--max-pairs", type=int, default=None)
+    a = p.parse_args(argv)
+    from .judge import api_key_from_env, judge
+    from .storage import atomic_write_text, check_output_path
+
+    check_output_path(a.output, "--output")
+    cache = a.cache or str(Path(a.output).with_suffix(".cache.jsonl"))
+    result = judge(a.generations, a.a, a.b, a.base_url, a.model, a.template, api_key_from_env(a.api_key_env), cache,
+                   a.concurrency, a.max_pairs, progress=lambda i, n: logger.info("judged %d/%d", i, n))
+    atomic_write_text(a.output, json.dumps(result, indent=1, ensure_ascii=False))
+    w, ci = result["win_rate"], result["win_rate_ci"]
+    print(f"| {a.a} vs {a.b} | pairs | invalid | wins / ties / losses | win rate per sample | per user |")
+    print("|---|---|---|---|---|---|")
+    print(f"| judge {a.model} ({a.template}) | {result['n']} | {result['invalid']} | {result['wins']} / {result['ties']} / "
+          f"{result['losses']} | {_fmt(w['per_sample'])}{_ci_text(ci['per_sample'])} | {_fmt(w['per_user'])}"
+          f"{_ci_text(ci['per_user'])} |")
+    print(f"\n{result['requests']} requests, {result['cached_judgments']} judgments from the cache; wrote {a.output}")
+    return 0
+
+
+def _ci_text(ci) -> str:
+    return "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def cmd_demo(argv: list[str]) -> int:
     from .demo import main_demo
 
@@ -458,7 +660,8 @@ def cmd_demo(argv: list[str]) -> int:
     return main_demo(a.output, a.seed, a.ablations)
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data}
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data,
+            "adapt": cmd_adapt, "users": cmd_users, "serve": cmd_serve, "judge": cmd_judge}
 
 
 def main(argv: list[str] | None = None) -> int:

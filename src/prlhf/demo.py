@@ -60,9 +60,89 @@ def majority_share(records: list[dict]) -> float:
     return sum(agree) / len(agree)
 
 
+def words_by_group(generations: list[dict], groups: dict[str, str]) -> dict[str, float]:
+    """Mean words of generations per user group of ``users.json`` (majority / minority), seen or not."""
+    by: dict[str, list[int]] = {}
+    for g in generations:
+        by.setdefault(groups.get(str(g["user_id"]), "all"), []).append(g["n_words"])
+    return {k: sum(v) / len(v) for k, v in sorted(by.items())}
+
+
+def run_cold_start(out: Path, data_dir: Path, text_dir: Path, reference, groups: dict[str, str], report: dict,
+                   seed: int, step, generate_per_user: int = 4, train_overrides: dict | None = None) -> dict:
+    """New users (the demo's unseen users) served three ways: few-shot adaptation of the trained
+    individual and cluster models from k = 0..32 of their pairs (random and active choice), and,
+    with no pairs at all, from a profile text (a model trained with every user's text)."""
+    from .adapt import training_objective
+    from .cold_start import learning_curves, pairs_to_match, split_new_users
+
+    test = load_preference_data(data_dir / "test.jsonl")
+    unseen = load_preference_data(data_dir / "unseen.jsonl")
+    pools, held_out = split_new_users(unseen, {json.dumps(r["prompt"]) for r in test})
+    eval_kwargs = dict(batch_size=32, max_length=128, max_prompt_length=32)
+    cold = {"seen_accuracy": None, "text_only_accuracy": None, "curves": {}, "ci": {}, "by_group": {},
+            "active_vs_random": {}, "new_users": len(pools), "held_out_pairs": len(held_out),
+            "pool_pairs_per_user": {u: len(p) for u, p in sorted(pools.items())}}
+    for kind in ("individual", "cluster"):
+        name = f"pdpo_{kind}"
+        if name not in report["methods"]:
+            continue
+        step(f"cold start, {name}: adapt new users from k = 0..32 pairs (random and active choice)")
+        model = PersonalizedLM.from_pretrained(out / name)
+        curves = learning_curves(model, pools, held_out, reference, groups=groups, seed=seed,
+                                 objective=training_objective(out / name), eval_kwargs=eval_kwargs,
+                                 generate_at=8, generate_per_user=generate_per_user, max_new_tokens=60)
+        cold["curves"][kind] = curves["curves"]
+        cold["ci"][kind] = curves["ci"]
+        cold["by_group"][kind] = curves["by_group"]
+        cold["active_vs_random"][kind] = pairs_to_match(curves["curves"])
+        cold.setdefault("words_k8", {})[kind] = curves.get("words")
+        cold.setdefault("seconds_per_adaptation", {})[kind] = curves["seconds"]
+        cold.setdefault("seen_accuracy_by_model", {})[kind] = report["methods"][name]["accuracy"]["seen"]
+        del model
+    if "individual" in cold["seen_accuracy_by_model"]:
+        cold["seen_accuracy"] = cold["seen_accuracy_by_model"]["individual"]
+
+    step("cold start, text only: P-DPO (individual) trained with every user's profile text; unseen users with and without text")
+    args = PDPOConfig(model_name_or_path=str(out / "sft"), reference_model_name_or_path=str(out / "sft"),
+                      output_dir=str(out / "pdpo_individual_text"), train_file=str(text_dir / "train.jsonl"),
+                      **{**_common_args(seed), **DEMO_TRAINING, **(train_overrides or {}), "user_model": "individual"})
+    trainer = PDPOTrainer(args=args, reference_model=reference)
+    use_compact_progress(trainer).train()
+    trainer.save_model()
+    model = trainer.model
+    unseen_text = load_preference_data(text_dir / "unseen.jsonl")
+    no_text = [dict(r, user_text=None) for r in unseen_text]
+    with_text = evaluate_accuracy(model, unseen_text, reference, **eval_kwargs)
+    without = evaluate_accuracy(model, no_text, reference, **eval_kwargs)
+    seen_text = evaluate_accuracy(model, load_preference_data(text_dir / "test.jsonl"), reference, **eval_kwargs)
+    cold["text_only_accuracy"] = with_text["accuracy"]["unseen"]
+    cold["text_only_ci"] = with_text["accuracy"]["ci"]["unseen"]
+    cold["no_text_accuracy"] = without["accuracy"]["unseen"]
+    cold["no_text_ci"] = without["accuracy"]["ci"]["unseen"]
+    cold["text_model_seen_accuracy"] = seen_text["accuracy"]["seen"]
+    by_group = {}
+    for label, acc in (("text", with_text), ("no_text", without)):
+        hits: dict[str, list[float]] = {}
+        for p in acc["pairs"]:
+            hits.setdefault(groups.get(str(p["user_id"]), "all"), []).append(p["correct"])
+        by_group[label] = {g: sum(v) / len(v) for g, v in sorted(hits.items())}
+    cold["text_only_by_group"] = by_group
+    gen_text = evaluate_generation(model, unseen_text, n_per_user=generate_per_user, groups=groups, batch_size=32,
+                                   max_new_tokens=60)
+    gen_none = evaluate_generation(model, no_text, n_per_user=generate_per_user, groups=groups, batch_size=32,
+                                   max_new_tokens=60)
+    cold["text_only_words"] = {"text": words_by_group(gen_text["generations"], groups),
+                               "no_text": words_by_group(gen_none["generations"], groups)}
+    del trainer, model
+    gc.collect()
+    return cold
+
+
 def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool = False, n_users: int = 20,
              unseen_users: int = 6, pairs_per_user: int = 40, generate_per_user: int = 4,
-             methods: list[str] | None = None, sft_epochs: float = 6, n_prompts: int = 400, **train_overrides) -> dict:
+             methods: list[str] | None = None, sft_epochs: float = 6, n_prompts: int = 400, cold_start: bool = True,
+             unseen_pairs_per_user: int = 60, **train_overrides) -> dict:
     """Run the demo; ``train_overrides`` change the P-DPO settings of every method (see ``DEMO_TRAINING``)."""
     start = time.time()
     out = Path(output)
@@ -72,9 +152,12 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
         print(f"[{time.time() - start:6.1f}s] {msg}", flush=True)
 
     step("data: synthetic users, 70% prefer long answers, 30% short, plus unseen users")
-    conv = synthesize(n_users=n_users, unseen_users=unseen_users, majority_share=0.7, n_prompts=n_prompts,
-                      pairs_per_user=pairs_per_user, test_fraction=0.2, seed=seed)
+    synth = dict(n_users=n_users, unseen_users=unseen_users, majority_share=0.7, n_prompts=n_prompts,
+                 pairs_per_user=pairs_per_user, test_fraction=0.2, seed=seed, unseen_pairs_per_user=unseen_pairs_per_user)
+    conv = synthesize(**synth)
     data_dir = write_conversion(conv, out / "data", overwrite=True)
+    # the same pairs with every user's profile text (the cold-start part's text-only users)
+    text_dir = write_conversion(synthesize(**synth, user_texts=True), out / "data_text", overwrite=True) if cold_start else None
     print(conv.summary_table(), flush=True)
     groups = load_user_groups(data_dir / "users.json")
     test = load_preference_data(data_dir / "test.jsonl")
@@ -128,6 +211,10 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
         del trainer
         gc.collect()
 
+    if cold_start:
+        report["cold_start"] = run_cold_start(out, data_dir, text_dir, reference, groups, report, seed, step,
+                                              generate_per_user, train_overrides)
+
     report["runtime_seconds"] = time.time() - start
     table = comparison_table(report["methods"])
     preamble = (f"Synthetic conflicting preferences, seed {seed}: {n_users} seen users (70% prefer long answers), "
@@ -137,6 +224,14 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
     write_report(out, report, generations, per_user, groups, title="prlhf demo: personalized vs vanilla DPO",
                  preamble=preamble)
     print("\n" + table)
+    if cold_start:
+        from .cold_start import cold_start_table
+
+        cs = report["cold_start"]
+        print("\nNew users, held-out accuracy after adapting on k labelled pairs each (k = 0: the generic user):\n"
+              + cold_start_table(cs))
+        print(f"seen users {cs['seen_accuracy']:.3f}; text only (no pairs) {cs['text_only_accuracy']:.3f}, "
+              f"the same users without text {cs['no_text_accuracy']:.3f}")
     print(f"\nmajority_share {share:.3f}; runtime {report['runtime_seconds']:.0f} s; report in {out}/report.md")
     return report
 
@@ -153,6 +248,16 @@ def check_findings(report: dict) -> dict[str, bool]:
             out[f"{name}: unseen length >= 0.75 x majority"] = length.get("unseen", 0) >= 0.75 * length["majority"]
     if "dpo" in m:
         out["dpo: seen accuracy within 0.10 of majority_share"] = abs(m["dpo"]["accuracy"]["seen"] - share) <= 0.10
+    cs = report.get("cold_start")
+    if cs and "individual" in cs.get("curves", {}) and cs.get("seen_accuracy") is not None:
+        k8 = cs["curves"]["individual"]["random"].get("8")
+        out["cold start: new users at k = 8 within 0.05 of seen users (individual)"] = (
+            k8 is not None and k8 >= cs["seen_accuracy"] - 0.05)
+        words = (cs.get("words_k8") or {}).get("individual") or {}
+        if "minority" in words and "majority" in words:
+            out["cold start: minority new users short at k = 8 (<= 0.25 x majority)"] = (
+                words["minority"] <= 0.25 * words["majority"])
+        out["cold start: text-only users >= 0.85"] = (cs.get("text_only_accuracy") or 0) >= 0.85
     out["runtime <= 600 s"] = report["runtime_seconds"] <= 600
     return out
 

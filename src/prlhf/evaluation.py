@@ -219,9 +219,10 @@ def evaluate_generation(model: PersonalizedLM, records: list[dict], n_per_user: 
         chunk = items[s:s + batch_size]
         texts = model.generate([p for _, p, _ in chunk], [u for u, _, _ in chunk], [t for _, _, t in chunk],
                                max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
-        for (uid, prompt, _), text in zip(chunk, texts):
+        for (uid, prompt, user_text), text in zip(chunk, texts):
             generations.append({"user_id": uid, "group": group_of(uid, model, groups), "prompt": prompt,
-                                "response": text, "n_words": len(text.split())})
+                                "response": text, "n_words": len(text.split()),
+                                **({"user_text": user_text} if user_text else {})})
         if progress:
             progress(min(s + batch_size, len(items)), len(items))
     by_group: dict[str, list[int]] = {}

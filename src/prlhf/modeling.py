@@ -255,6 +255,26 @@ class PersonalizedLM(nn.Module):
         return batch
 
     @torch.no_grad()
+    def prompt_embeds(self, prompt, user_id: str | None = None, user_text: str | None = None) -> torch.Tensor:
+        """The input embeddings (T, d) our generation feeds the LLM for one user and prompt, unpadded:
+        ``[BOS] [user embedding] [user text] [prompt]``. For serving engines that take embeddings
+        instead of token ids (vLLM >= 0.11 with ``--enable-prompt-embeds``: ``{"prompt_embeds": t}``),
+        where positions start at 0 as here; a LoRA model's adapters must be merged into the
+        weights that engine loads (``merged_llm``)."""
+        batch = self.prepare_prompts([prompt], [user_id], [user_text] if user_text is not None else None)
+        embeds = self.embed(batch["input_ids"], batch["implicit_mask"], batch["user_rows"])[0]
+        return embeds[batch["attention_mask"][0].bool()].detach()
+
+    def merged_llm(self):
+        """The LLM with LoRA adapters merged in (a plain ``PreTrainedModel`` to save for another
+        engine); the LLM itself when there are no adapters. This model is left unchanged."""
+        import copy
+
+        if not self.is_lora:
+            return self.llm
+        return copy.deepcopy(self.llm).merge_and_unload()
+
+    @torch.no_grad()
     def generate(self, prompts: list, user_ids: list | None = None, user_texts: list | None = None,
                  skip_special_tokens: bool = True, **generate_kwargs) -> list[str]:
         """Responses for a batch of prompts, each for its own user (``None``/unknown: the generic

@@ -144,6 +144,17 @@ def write_report(out_dir: str | Path, report: dict, generations: dict[str, list[
     if per_user:
         paths["accuracy"] = plot_accuracy_per_user(per_user, groups or {}, out / "accuracy_per_user.png")
         md += ["![accuracy per user](accuracy_per_user.png)", ""]
+    if report.get("cold_start"):
+        from .cold_start import cold_start_table, plot_cold_start
+
+        cs = report["cold_start"]
+        paths["cold_start"] = plot_cold_start(cs, out / "cold_start.png")
+        md += ["## New users (cold start)", "",
+               "Held-out accuracy of users absent from training after adapting only their own parameters on k of "
+               "their labelled pairs (k = 0: the generic user), pairs chosen at random or by active questions.", "",
+               cold_start_table(cs), "", f"Seen users: {_f(cs.get('seen_accuracy'))}. Text only (no pairs, a profile "
+               f"text): {_f(cs.get('text_only_accuracy'))}; the same users without text: {_f(cs.get('no_text_accuracy'))}.",
+               "", "![cold start](cold_start.png)", ""]
     paths["md"].write_text("\n".join(md))
     return paths
 

@@ -62,6 +62,67 @@ class ImplicitUserModel(nn.Module):
         if user_rows.numel() and (int(user_rows.min()) < 0 or int(user_rows.max()) >= self.n_rows):
             raise IndexError(f"user rows must lie in [0, {self.n_rows}), got {user_rows.tolist()}")
 
+    # -- one user's parameters: adapting, exporting and removing single users ---------------------
+    # ``per_user_param`` names the tensor that holds one slice per user; ``first_row`` is the user
+    # row stored at its index 0 (the individual model keeps no offset for the generic row 0).
+    per_user_param: str | None = None
+    first_row: int = 0
+
+    def _table(self) -> nn.Parameter:
+        if self.per_user_param is None:
+            raise ValueError(f"the {type(self).__name__.removesuffix('UserModel').lower()} user model has no "
+                             "per-user parameters (use an individual or cluster user model)")
+        return getattr(self, self.per_user_param)
+
+    def _index(self, row: int) -> int:
+        if not self.first_row <= row < self.n_rows:
+            raise IndexError(f"user row {row} has no own parameters in this user model (rows {self.first_row}.."
+                             f"{self.n_rows - 1})")
+        return row - self.first_row
+
+    def new_user_parameters(self) -> torch.Tensor:
+        """A new user's starting parameters: those that make them the generic user."""
+        raise NotImplementedError
+
+    def user_parameters(self, row: int) -> torch.Tensor:
+        """A copy of one user's own parameters (row >= 1)."""
+        return self._table()[self._index(row)].detach().clone()
+
+    @torch.no_grad()
+    def set_user_parameters(self, row: int, value: torch.Tensor) -> None:
+        self._table()[self._index(row)] = value.to(self._table().dtype)
+
+    @torch.no_grad()
+    def add_rows(self, n: int) -> list[int]:
+        """Append ``n`` users who start as the generic user; returns their rows."""
+        table = self._table()
+        new = self.new_user_parameters().to(table.device, table.dtype).unsqueeze(0).expand(n, *table.shape[1:])
+        setattr(self, self.per_user_param, nn.Parameter(torch.cat([table.detach(), new]), requires_grad=table.requires_grad))
+        first = self.n_rows
+        self.n_rows += n
+        return list(range(first, first + n))
+
+    @torch.no_grad()
+    def remove_row(self, row: int) -> None:
+        """Delete one user's parameters; the users after it move up one row, their values unchanged."""
+        table = self._table()
+        i = self._index(row)
+        if row == 0:
+            raise ValueError("the generic user (row 0) cannot be removed")
+        kept = torch.cat([table.detach()[:i], table.detach()[i + 1:]])
+        setattr(self, self.per_user_param, nn.Parameter(kept, requires_grad=table.requires_grad))
+        self.n_rows -= 1
+
+    def forward_with(self, user_rows: torch.Tensor, rows: list[int], values: torch.Tensor) -> torch.Tensor:
+        """``forward(user_rows)`` with the parameters of users ``rows`` replaced by ``values``
+        (len(rows), ...): differentiable in ``values`` only, for fitting a few users with everything
+        else frozen (``prlhf.adapt``)."""
+        from torch.func import functional_call
+
+        table = self._table().detach()
+        index = torch.tensor([self._index(r) for r in rows], device=table.device, dtype=torch.long)
+        return functional_call(self, {self.per_user_param: table.index_copy(0, index, values.to(table.dtype))}, (user_rows,))
+
 
 class UniformUserModel(ImplicitUserModel):
     depends_on_user = False
@@ -94,6 +155,11 @@ class IndividualUserModel(ImplicitUserModel):
         else:
             raise ValueError(f"user_offset_init must be one of {OFFSET_INITS}, got {offset_init!r}")
         self.offsets = nn.Parameter(offsets)  # o_1..o_n (n, T_u, d)
+
+    per_user_param, first_row = "offsets", 1
+
+    def new_user_parameters(self) -> torch.Tensor:
+        return torch.zeros(self.n_tokens, self.hidden_size)  # o_u = 0: e_u = e_0
 
     def forward(self, user_rows: torch.Tensor) -> torch.Tensor:
         self._check(user_rows)
@@ -128,6 +194,11 @@ class ClusterUserModel(ImplicitUserModel):
         else:
             logits = torch.full((n_rows, n_clusters), 1.0 / n_clusters) + 0.1 * torch.randn(n_rows, n_clusters, generator=g)
         self.user_logits = nn.Parameter(logits)  # (n_rows, K)
+
+    per_user_param, first_row = "user_logits", 0
+
+    def new_user_parameters(self) -> torch.Tensor:
+        return self.user_logits.detach()[0].clone()  # the generic user's own mixture
 
     def weights(self, user_rows: torch.Tensor) -> torch.Tensor:
         logits = self.user_logits[user_rows]  # (B, K)

@@ -16,10 +16,13 @@ GENERIC_ROW = 0
 
 
 class UserRegistry:
-    def __init__(self, user_ids: Iterable[str] = (), user_texts: dict[str, str] | None = None):
+    def __init__(self, user_ids: Iterable[str] = (), user_texts: dict[str, str] | None = None,
+                 pair_counts: dict[str, int] | None = None):
         self.ids: list[str] = []
         self._rows: dict[str, int] = {}
         self.user_texts: dict[str, str] = dict(user_texts or {})
+        # labelled pairs each user contributed (training, then adaptation); absent when unknown
+        self.pair_counts: dict[str, int] = dict(pair_counts or {})
         for uid in user_ids:
             self.add(uid)
 
@@ -31,6 +34,7 @@ class UserRegistry:
             uid = rec.get("user_id")
             if uid is not None and str(uid) != "":
                 reg.add(str(uid))
+                reg.pair_counts[str(uid)] = reg.pair_counts.get(str(uid), 0) + 1
                 text = rec.get("user_text")
                 if text and str(uid) not in reg.user_texts:
                     reg.user_texts[str(uid)] = text
@@ -41,6 +45,18 @@ class UserRegistry:
             self.ids.append(user_id)
             self._rows[user_id] = len(self.ids)  # row 0 is the generic user
         return self._rows[user_id]
+
+    def remove(self, user_id: str) -> int:
+        """Forget a user: their id, text and counts; returns the row they had (later users move up
+        one row, as the user model's ``remove_row`` moves their parameters)."""
+        row = self._rows.get(str(user_id))
+        if row is None:
+            raise KeyError(f"unknown user {user_id!r}")
+        self.ids.pop(row - 1)
+        self._rows = {uid: i + 1 for i, uid in enumerate(self.ids)}
+        self.user_texts.pop(str(user_id), None)
+        self.pair_counts.pop(str(user_id), None)
+        return row
 
     def row(self, user_id: str | None) -> int:
         """The row of a user; the generic row 0 for ``None``, ``""`` and unknown ids."""
@@ -60,7 +76,8 @@ class UserRegistry:
         return len(self.ids)
 
     def to_dict(self) -> dict:
-        return {"generic_row": GENERIC_ROW, "users": self.ids, "user_texts": self.user_texts}
+        return {"generic_row": GENERIC_ROW, "users": self.ids, "user_texts": self.user_texts,
+                "pair_counts": self.pair_counts}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
@@ -83,4 +100,7 @@ class UserRegistry:
         texts = data.get("user_texts") or {}
         if not isinstance(texts, dict):
             raise ValueError(f"{path}: field 'user_texts' must be an object {{user_id: text}}")
-        return cls(users, texts)
+        counts = data.get("pair_counts") or {}
+        if not isinstance(counts, dict) or not all(isinstance(v, int) and v >= 0 for v in counts.values()):
+            raise ValueError(f"{path}: field 'pair_counts' must be an object {{user_id: number of pairs}}")
+        return cls(users, texts, counts)

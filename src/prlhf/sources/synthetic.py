@@ -33,6 +33,29 @@ OPENINGS = ("Happy to help!", "Great question!", "Oh, I love this one!")
 CLOSINGS = ("Hope this helps!", "Have a lovely day!", "Enjoy!")
 
 
+# profile texts (the explicit user model): each user describes their preference in their own words,
+# assembled from interchangeable parts plus an unrelated personal detail, so no two users need share
+# a text and an unseen user's text is new while its words are not
+PROFILE_WORDS = {
+    "long": ("long", "detailed", "thorough", "lengthy", "complete", "in-depth"),
+    "short": ("short", "brief", "concise", "quick", "compact", "one-line"),
+    "friendly": ("warm", "friendly", "cheerful", "kind"),
+    "plain": ("plain", "neutral", "matter-of-fact", "dry"),
+}
+PROFILE_OPENERS = ("I", "Honestly, I", "Personally, I", "As a reader, I", "Most days I")
+PROFILE_VERBS = ("like", "prefer", "want", "enjoy", "appreciate", "ask for")
+PROFILE_NOUNS = ("answers", "replies", "explanations", "responses")
+
+
+def profile_text(preferences: dict[str, str], rng: random.Random) -> str:
+    """A short self-description consistent with ``preferences`` ({attribute: value}), worded at random."""
+    parts = [f"{rng.choice(PROFILE_OPENERS)} {rng.choice(PROFILE_VERBS)} {rng.choice(PROFILE_WORDS[v])} "
+             f"{rng.choice(PROFILE_NOUNS)}." for v in preferences.values()]
+    detail = f"I live near a {rng.choice(TOPICS)} and I {rng.choice(VERBS)} {rng.choice(NOUNS)} {rng.choice(TIMES)}."
+    parts.insert(rng.randint(0, len(parts)), detail)
+    return " ".join(parts)
+
+
 def _short(rng: random.Random, topic: str) -> str:
     return f"The {topic} is {rng.choice(ADJECTIVES)}."
 
@@ -61,8 +84,15 @@ def make_candidates(rng: random.Random, topic: str, attribute: str) -> tuple[str
 
 def synthesize(n_users: int = 20, unseen_users: int = 4, majority_share: float = 0.7, n_prompts: int = 150,
                pairs_per_user: int = 40, attributes=("length",), test_fraction: float = 0.2, seed: int = 0,
-               fmt: str = "text", variants_per_prompt: int = 3) -> Conversion:
-    """Users with conflicting preferences over shared prompts; see the module docstring."""
+               fmt: str = "text", variants_per_prompt: int = 3, user_texts: bool = False,
+               unseen_pairs_per_user: int | None = None) -> Conversion:
+    """Users with conflicting preferences over shared prompts; see the module docstring.
+
+    ``user_texts``: every record carries its user's ``profile_text`` (also in ``users.json``), a
+    self-description consistent with the user's preference, worded differently per user; drawn
+    from a separate random stream, so the pairs are the same with and without texts.
+    ``unseen_pairs_per_user``: pairs of each unseen user (default ``pairs_per_user``), e.g. more to
+    measure how new users are learned from a few of them."""
     for a in attributes:
         if a not in ATTRIBUTES:
             raise ValueError(f"attributes must be among {sorted(ATTRIBUTES)}, got {a!r}")
@@ -72,7 +102,7 @@ def synthesize(n_users: int = 20, unseen_users: int = 4, majority_share: float =
     conv = Conversion("synthetic", options=dict(
         n_users=n_users, unseen_users=unseen_users, majority_share=majority_share, n_prompts=n_prompts,
         pairs_per_user=pairs_per_user, attributes=list(attributes), test_fraction=test_fraction, seed=seed,
-        variants_per_prompt=variants_per_prompt))
+        variants_per_prompt=variants_per_prompt, user_texts=user_texts, unseen_pairs_per_user=unseen_pairs_per_user))
     prompts = [f"Tell me about the {TOPICS[i % len(TOPICS)]}" + ("." if i < len(TOPICS) else f" number {i // len(TOPICS) + 1}.")
                for i in range(n_prompts)]
     topic_of = {p: TOPICS[i % len(TOPICS)] for i, p in enumerate(prompts)}
@@ -94,14 +124,20 @@ def synthesize(n_users: int = 20, unseen_users: int = 4, majority_share: float =
     for u, info in conv.users.items():
         info["group"] = "majority" if info["preferences"][first] == ATTRIBUTES[first][0] else "minority"
         info["preference"] = info["preferences"][first]
-    for u, _ in users:
+    texts = {}
+    if user_texts:
+        for u, _ in users:
+            texts[u] = profile_text(conv.users[u]["preferences"], random.Random(f"profile-{seed}-{u}"))
+            conv.users[u]["user_text"] = texts[u]
+    for u, seen in users:
         prefs = conv.users[u]["preferences"]
-        for p in rng.sample(prompts, min(pairs_per_user, len(prompts))):
+        n_pairs = pairs_per_user if seen or unseen_pairs_per_user is None else unseen_pairs_per_user
+        for p in rng.sample(prompts, min(n_pairs, len(prompts))):
             a = rng.choice(list(attributes))
             major, minor = rng.choice(candidates[(p, a)])
             chosen, rejected = (major, minor) if prefs[a] == ATTRIBUTES[a][0] else (minor, major)
             rec = {"user_id": u, "prompt": p + "\nAnswer:", "chosen": " " + chosen, "rejected": " " + rejected,
-                   "user_text": None, "attribute": a}
+                   "user_text": texts.get(u), "attribute": a}
             if fmt == "chat":
                 rec.update(prompt=[{"role": "user", "content": p}], chosen=[{"role": "assistant", "content": chosen}],
                            rejected=[{"role": "assistant", "content": rejected}])

@@ -1,0 +1,157 @@
+"""Cold start, measured: how fast a trained model learns users it has never seen.
+
+``learning_curves`` adapts the new users of a data set (``prlhf.adapt.adapt_users``) from k of
+their labelled pairs, k = 0 (the generic user), 1, 2, 4, ..., chosen at random or by active
+questions (``prlhf.adapt.suggest_pairs``), and scores each user's held-out pairs after each
+adaptation. The k pairs of a user are nested (the first k of one fixed order per strategy), and
+every adaptation restarts the users from the generic user, so the points of a curve differ only
+in k. ``cold_start_table`` and ``plot_cold_start`` present the result; the demo and
+``benchmarks/adapt_speed.py`` use them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .adapt import adapt_users, suggest_pairs
+from .evaluation import bootstrap_ci, evaluate_accuracy, evaluate_generation
+
+DEFAULT_KS = (0, 1, 2, 4, 8, 16, 32)
+
+
+def split_new_users(records: list[dict], held_out_prompts: set[str]) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Each new user's adaptation pool (pairs on other prompts) and all held-out pairs (pairs on
+    ``held_out_prompts``, the prompts no adaptation sees)."""
+    pools: dict[str, list[dict]] = {}
+    held_out = []
+    for r in records:
+        if json.dumps(r["prompt"]) in held_out_prompts:
+            held_out.append(r)
+        else:
+            pools.setdefault(str(r["user_id"]), []).append(r)
+    return pools, held_out
+
+
+def _orders(model, pools: dict[str, list[dict]], reference, strategies, seed: int, score_kwargs: dict) -> dict:
+    orders = {}
+    for strategy in strategies:
+        orders[strategy] = {}
+        for k, (uid, pool) in enumerate(sorted(pools.items())):
+            if strategy == "random":
+                order = list(range(len(pool)))
+                random.Random(f"{seed}-{uid}").shuffle(order)
+            else:
+                order = suggest_pairs(model, pool, len(pool), reference, "active", seed=seed, **score_kwargs)
+            orders[strategy][uid] = [pool[i] for i in order]
+    return orders
+
+
+def learning_curves(model, pools: dict[str, list[dict]], held_out: list[dict], reference=None, ks=DEFAULT_KS,
+                    strategies=("random", "active"), steps: int = 30, learning_rate: float | None = None,
+                    batch_size: int = 16, groups: dict[str, str] | None = None, seed: int = 0,
+                    objective: dict | None = None, eval_kwargs: dict | None = None, generate_at: int | None = None,
+                    generate_per_user: int = 4, max_new_tokens: int = 60, score_kwargs: dict | None = None,
+                    progress=None) -> dict:
+    """Held-out accuracy of the new users after adapting on k of their pairs, per strategy.
+
+    Returns ``{"curves": {strategy: {str(k): accuracy}}, "ci": {...}, "by_group": {strategy: {str(k):
+    {group: acc}}}, "pairs_used": {...}, "seconds": {...}, "words": {group: mean words}}`` (words:
+    greedy generations for the new users after the random choice's k = ``generate_at``).
+    ``model`` is changed in place: the new users are added to it."""
+    eval_kwargs = dict(eval_kwargs or {})
+    score_kwargs = dict(score_kwargs or {})
+    orders = _orders(model, pools, reference, strategies, seed, score_kwargs)
+    eval_cache: dict = {}
+    adapt_cache: dict = {}
+    out = {"curves": {}, "ci": {}, "by_group": {}, "pairs_used": {}, "seconds": {}, "n_users": len(pools),
+           "n_held_out": len(held_out), "steps": steps}
+
+    def score() -> tuple[float, list[float], dict]:
+        acc = evaluate_accuracy(model, held_out, reference, ref_cache=eval_cache, **eval_kwargs)
+        hits = [p["correct"] for p in acc["pairs"]]
+        by_group: dict[str, list[float]] = {}
+        for p in acc["pairs"]:
+            by_group.setdefault((groups or {}).get(p["user_id"], "all"), []).append(p["correct"])
+        return acc["accuracy"]["overall"], bootstrap_ci(hits), {g: sum(v) / len(v) for g, v in sorted(by_group.items())}
+
+    generic = None
+    for strategy in strategies:
+        curve, cis, by_group, used, seconds = {}, {}, {}, {}, {}
+        for k in ks:
+            if k == 0:  # the generic user: evaluated before any new user exists in the model
+                if generic is None:
+                    generic = score()
+                curve["0"], cis["0"], by_group["0"] = generic
+                used["0"], seconds["0"] = 0, 0.0
+                continue
+            records = [r for uid in sorted(orders[strategy]) for r in orders[strategy][uid][:k]]
+            result = adapt_users(model, records, reference, steps=steps, learning_rate=learning_rate,
+                                 batch_size=batch_size, reset=True, seed=seed, objective=objective, ref_cache=adapt_cache,
+                                 max_length=eval_kwargs.get("max_length"), max_prompt_length=eval_kwargs.get("max_prompt_length"))
+            curve[str(k)], cis[str(k)], by_group[str(k)] = score()
+            used[str(k)], seconds[str(k)] = len(records), result.seconds
+            if progress:
+                progress(strategy, k, curve[str(k)])
+            if strategy == "random" and generate_at == k:
+                gen = evaluate_generation(model, held_out, n_per_user=generate_per_user, groups=groups,
+                                          max_new_tokens=max_new_tokens)
+                out["words"] = gen["length"]
+                out["words_at"] = k
+        out["curves"][strategy], out["ci"][strategy], out["by_group"][strategy] = curve, cis, by_group
+        out["pairs_used"][strategy], out["seconds"][strategy] = used, seconds
+    return out
+
+
+def pairs_to_match(curves: dict, target_k: int = 8) -> dict:
+    """For each curve of a model: the smallest k at which the active choice reaches the random
+    choice's accuracy at ``target_k`` (None when it never does)."""
+    rand, act = curves.get("random", {}), curves.get("active", {})
+    goal = rand.get(str(target_k))
+    if goal is None or not act:
+        return {"random_at_k": goal, "active_k_needed": None}
+    reached = [int(k) for k, v in act.items() if v is not None and v >= goal]
+    return {"random_at_k": goal, "active_k_needed": min(reached) if reached else None}
+
+
+def cold_start_table(cold: dict) -> str:
+    """Markdown: accuracy of new users per k, one row per (user model, strategy)."""
+    ks = sorted({int(k) for m in cold["curves"].values() for c in m.values() for k in c})
+    head = ["user model", "choice"] + [f"k={k}" for k in ks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, curves in cold["curves"].items():
+        for strategy, curve in curves.items():
+            cells = [name, strategy] + ["-" if curve.get(str(k)) is None else f"{curve[str(k)]:.3f}" for k in ks]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_cold_start(cold: dict, path: str | Path) -> Path:
+    """Learning curves: held-out accuracy of new users against the number of labelled pairs k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for name, curves in cold["curves"].items():
+        for strategy, curve in curves.items():
+            ks = sorted(int(k) for k in curve)
+            xs = [max(k, 0.5) for k in ks]  # k = 0 drawn at 0.5 on the log axis
+            ax.plot(xs, [curve[str(k)] for k in ks], marker="o", ls="-" if strategy == "random" else "--",
+                    label=f"{name}, {strategy}")
+    if cold.get("seen_accuracy") is not None:
+        ax.axhline(cold["seen_accuracy"], color="grey", lw=0.8, ls=":", label="seen users")
+    if cold.get("text_only_accuracy") is not None:
+        ax.axhline(cold["text_only_accuracy"], color="green", lw=0.8, ls=":", label="text only, k = 0")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("labelled pairs per new user (k; k = 0 at 0.5)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

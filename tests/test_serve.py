@@ -1,0 +1,289 @@
+"""`prlhf serve`: the real server on 127.0.0.1 called with the official openai client."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import build_model
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from prlhf.sampling import SamplingParams, generate_rows  # noqa: E402
+from prlhf.serve import Server, create_app  # noqa: E402
+
+KEY = "test-key"
+MESSAGES = [{"role": "user", "content": "Tell me about the river."}]
+
+
+def raw_request(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a raw request (urllib: no client library between the test and the server)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    model = build_model("individual", n_tokens=3, users=("a", "b"))
+    model.eval()
+    server = Server(model, "tiny", max_tokens_limit=64, max_batch_size=8, batch_wait_ms=20)
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(server, api_key=KEY), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    yield url, model, server
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models_and_health(served, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    status, health = raw_request("GET", served[0] + "/health")
+    assert status == 200 and health["status"] == "ok" and health["users"] == 2
+
+
+def test_greedy_chat_equals_personalized_generate(served, client):
+    _, model, _ = served
+    for user in ("a", "b", None):
+        expected = model.generate([MESSAGES], [user], max_new_tokens=12, do_sample=False)[0]
+        kw = {"user": user} if user else {}
+        r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, **kw)
+        assert r.choices[0].message.content == expected, user
+        assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 0
+        assert r.model_extra["prlhf"]["generic"] is (user is None)
+
+
+def test_two_users_differ_and_unknown_user_is_generic(served, client):
+    kw = dict(model="tiny", prompt="Q: the river\nA:", max_tokens=16, temperature=1.0, seed=3)
+    a = client.completions.create(user="a", **kw).choices[0].text
+    a_again = client.completions.create(user="a", **kw).choices[0].text
+    b = client.completions.create(user="b", **kw).choices[0].text
+    assert a == a_again  # same user, same seed: the same sample
+    assert a != b
+    raw = client.completions.with_raw_response.create(user="stranger", **kw)
+    assert raw.headers["x-prlhf-user"] == "generic"
+    stranger = raw.parse()
+    generic = client.completions.create(**kw)
+    assert stranger.choices[0].text == generic.choices[0].text
+    assert stranger.model_extra["prlhf"] == {"user": None, "generic": True, "requested_user": "stranger"}
+    assert client.completions.with_raw_response.create(user="a", **kw).headers["x-prlhf-user"] == "a"
+
+
+def test_completions_logprobs_stop_n_and_user_text(served, client):
+    _, model, _ = served
+    r = client.completions.create(model="tiny", prompt="Q: the sun\nA:", max_tokens=6, temperature=0, logprobs=2, user="a")
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+    # the greedy token is the most likely one
+    assert all(abs(max(t.values()) - v) < 1e-5 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    c = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    assert len(c.choices[0].logprobs.content) == c.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 for t in c.choices[0].logprobs.content)
+    full = client.completions.create(model="tiny", prompt="Q: the sun\nA:", max_tokens=12, temperature=0).choices[0].text
+    if len(full) > 4:
+        stop = full[2:4]
+        cut = client.completions.create(model="tiny", prompt="Q: the sun\nA:", max_tokens=12, temperature=0, stop=[stop])
+        assert cut.choices[0].text == full[:full.find(stop)] and cut.choices[0].finish_reason == "stop"
+    many = client.completions.create(model="tiny", prompt="Q: the sun\nA:", max_tokens=8, n=3, seed=1, temperature=1.0)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    text = "I like short answers."
+    with_text = client.completions.create(model="tiny", prompt="Q: the sun\nA:", max_tokens=8, temperature=0,
+                                          extra_body={"user_text": text})
+    expected = model.generate(["Q: the sun\nA:"], [None], [text], max_new_tokens=8, do_sample=False)[0]
+    assert with_text.choices[0].text == expected
+
+
+def test_streaming_gives_the_same_text(served, client):
+    full = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=14, temperature=0, user="b")
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=14, temperature=0, user="b",
+                                            stream=True, stream_options={"include_usage": True})
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            parts.append(ch.delta.content or "")
+            finish = ch.finish_reason or finish
+    assert "".join(parts) == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason and usage.completion_tokens == full.usage.completion_tokens
+    text_stream = client.completions.create(model="tiny", prompt="Q: the moon\nA:", max_tokens=10, temperature=0, stream=True)
+    streamed = "".join(c.choices[0].text for c in text_stream if c.choices)
+    assert streamed == client.completions.create(model="tiny", prompt="Q: the moon\nA:", max_tokens=10,
+                                                 temperature=0).choices[0].text
+
+
+def test_errors_are_openai_shaped_and_the_server_survives(served, client):
+    url = served[0]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match="over this server's limit"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=65)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt="word " * 2100, max_tokens=8)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    status, bad = raw_request("POST", url + "/v1/chat/completions", b"{not json", headers)
+    assert status == 400 and bad["error"]["code"] == "invalid_json"
+    status, typed = raw_request("POST", url + "/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "temperature": "hot"}).encode(),
+                         headers)
+    assert status == 400 and typed["error"]["param"] == "temperature"
+    assert raw_request("POST", url + "/v1/chat/completions", json.dumps({"model": "tiny"}).encode(), headers)[0] == 400
+    status, missing = raw_request("GET", url + "/v1/nothing", None, headers)
+    assert status == 404 and "error" in missing
+    # a client that leaves mid-stream: its row is cancelled, and the server keeps serving
+    from http.client import HTTPConnection
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "Q: a long story\nA:", "max_tokens": 64,
+                                                        "temperature": 1.0, "stream": True}), headers)
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    conn.close()
+    ok = client.completions.create(model="tiny", prompt="Q: still there?\nA:", max_tokens=4, temperature=0)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_requests_share_batches_and_keep_their_outputs(served, client):
+    _, model, server = served
+    prompts = [f"Q: the {w}\nA:" for w in ("river", "lake", "forest", "city", "sun", "moon")]
+    users = ["a", "b", None, "a", "b", None]
+    expected = [model.generate([p], [u], max_new_tokens=10, do_sample=False)[0] for p, u in zip(prompts, users)]
+    before = server.batcher.batches
+    results = [None] * len(prompts)
+
+    def call(i):
+        kw = {"user": users[i]} if users[i] else {}
+        results[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=10, temperature=0, **kw)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r.choices[0].text for r in results] == expected
+    assert server.batcher.batches - before < len(prompts)  # some requests were decoded together
+
+
+def test_generate_rows_per_row_settings_and_cancellation():
+    model = build_model("individual", n_tokens=2, users=("a", "b"))
+    prompts = ["Q: the river\nA:", "Q: the sun\nA:", "Q: the moon\nA:"]
+    greedy = model.generate(prompts, ["a", "b", None], max_new_tokens=8, do_sample=False)
+    params = [SamplingParams(max_tokens=8, temperature=0), SamplingParams(max_tokens=3, temperature=0),
+              SamplingParams(max_tokens=8, temperature=0)]
+    calls = {"n": 0}
+
+    def cancel_third():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    out = generate_rows(model, prompts, ["a", "b", None], None, params, is_cancelled=[None, None, cancel_third])
+    assert out[0].text == greedy[0]
+    assert len(out[1].token_ids) <= 3 and greedy[1].startswith(out[1].text)
+    assert out[2].finish_reason == "cancelled" and len(out[2].token_ids) <= 2
+    torch.manual_seed(0)
+    s1 = generate_rows(model, prompts[:1], ["a"], None, [SamplingParams(max_tokens=8, temperature=1.0, seed=5)])[0]
+    s2 = generate_rows(model, prompts[:1] * 2, ["a", "b"], None,
+                       [SamplingParams(max_tokens=8, temperature=1.0, seed=5), SamplingParams(max_tokens=2, temperature=0)])[0]
+    assert s1.token_ids == s2.token_ids  # a row's sample does not depend on its batch mates
+
+
+# -- prlhf judge ------------------------------------------------------------------------------------
+
+from prlhf.judge import combine, verdict_from_response, win_rates  # noqa: E402
+
+
+def test_judge_arithmetic_on_hand_made_verdicts():
+    assert combine("first", "second") == 1.0  # A preferred in both orders
+    assert combine("second", "first") == 0.0
+    assert combine("first", "first") == 0.5 and combine("second", "second") == 0.5  # position bias: a tie
+    assert combine(None, "first") is None
+    r = win_rates([("u1", 1.0), ("u1", 0.5), ("u2", 0.0), ("u2", None), ("u3", 1.0)])
+    assert r["n"] == 5 and r["invalid"] == 1 and (r["wins"], r["ties"], r["losses"]) == (2, 1, 1)
+    assert r["win_rate"]["per_sample"] == pytest.approx(2.5 / 4)
+    assert r["win_rate"]["per_user"] == pytest.approx((0.75 + 0.0 + 1.0) / 3)
+    lp = lambda top: {"choices": [{"message": {"content": "x"}, "logprobs": {"content": [  # noqa: E731
+        {"token": top[0][0], "logprob": top[0][1], "top_logprobs": [{"token": t, "logprob": v} for t, v in top]}]}}]}
+    assert verdict_from_response(lp([(" B", -0.2), ("A", -1.9)])) == ("second", "logprobs")
+    assert verdict_from_response(lp([("The", -0.1), ("A", -2.0), ("B", -3.0)])) == ("first", "logprobs")
+    text = lambda t: {"choices": [{"message": {"content": t}}]}  # noqa: E731
+    assert verdict_from_response(text("Response B is better.")) == ("second", "text")
+    assert verdict_from_response(text("Both are fine")) == (None, "none")
+
+
+def test_judge_end_to_end_against_prlhf_serve(served, tmp_path, capsys):
+    from prlhf.cli import main
+
+    gens = tmp_path / "generations.jsonl"
+    rows = []
+    for i, user in enumerate(["a", "a", "b"]):
+        prompt = f"Q: question {i}\nA:"
+        rows.append({"method": "pdpo", "user_id": user, "prompt": prompt, "response": "A short answer.", "user_text": "I like short answers."})
+        rows.append({"method": "dpo", "user_id": user, "prompt": prompt, "response": "A much longer answer with many words."})
+    rows.append({"method": "dpo", "user_id": "c", "prompt": "unpaired", "response": "x"})
+    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "judge.json"
+    args = ["judge", "--generations", str(gens), "--a", "pdpo", "--b", "dpo", "--base-url", served[0] + "/v1",
+            "--model", "tiny", "--template", "psoups", "--output", str(out), "--api-key-env", "PRLHF_TEST_JUDGE_KEY"]
+    import os
+
+    os.environ["PRLHF_TEST_JUDGE_KEY"] = KEY
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 3 and result["valid"] + result["invalid"] == 3 and result["unpaired"]["b_only"] == 1
+    assert set(result["win_rate"]) == {"per_sample", "per_user"} and result["requests"] == 6
+    assert sum(result["verdicts_read_from"].values()) == 6  # every answer read or counted as unreadable
+    assert "| judge tiny (psoups) | 3 |" in capsys.readouterr().out
+    assert main(args) == 0  # a rerun reads every judgment from the cache
+    again = json.loads(out.read_text())
+    assert again["requests"] == 0 and again["cached_judgments"] == 6 and again["win_rate"] == result["win_rate"]
+    bad = args[:]
+    bad[bad.index("pdpo")] = "nosuch"
+    assert main(bad) == 2 and "no generations of method 'nosuch'" in capsys.readouterr().err
+
+
+def test_prompt_embeds_for_vllm_equal_what_generation_feeds_the_model():
+    model = build_model("individual", n_tokens=3, users=("a", "b"))
+    prompts, users = ["Q: the river\nA:", "Q: a much longer question about the sea\nA:"], ["a", None]
+    batch = model.prepare_prompts(prompts, users, ["I like short answers.", None])
+    fed = model.embed(batch["input_ids"], batch["implicit_mask"], batch["user_rows"])  # left-padded, as generate() sees it
+    for i in range(2):
+        mine = model.prompt_embeds(prompts[i], users[i], ["I like short answers.", None][i])
+        assert torch.equal(mine, fed[i][batch["attention_mask"][i].bool()])
+    # the same tensor as inputs_embeds (positions from 0) gives the same next-token logits as our generation
+    one = model.prompt_embeds(prompts[0], "a", "I like short answers.")
+    with torch.no_grad():
+        direct = model.llm(inputs_embeds=one[None]).logits[0, -1]
+        ours = model.llm(inputs_embeds=fed[:1], attention_mask=batch["attention_mask"][:1],
+                         position_ids=(batch["attention_mask"][:1].cumsum(-1) - 1).clamp(min=0)).logits[0, -1]
+    assert torch.allclose(direct, ours, atol=1e-5)
