@@ -267,6 +267,13 @@ def test_judge_end_to_end_against_prlhf_serve(served, tmp_path, capsys):
     assert main(args) == 0  # a rerun reads every judgment from the cache
     again = json.loads(out.read_text())
     assert again["requests"] == 0 and again["cached_judgments"] == 6 and again["win_rate"] == result["win_rate"]
+    assert main(["judge", "--show-template", "psoups"]) == 0
+    assert "{user_profile}" in capsys.readouterr().out
+    own = tmp_path / "mine.txt"
+    own.write_text("Which is better for {user_profile}? {prompt} A: {response_a} B: {response_b}")
+    assert main(args[:-6] + ["--template", str(own), "--output", str(tmp_path / "j2.json"), "--api-key-env",
+                             "PRLHF_TEST_JUDGE_KEY"]) == 0
+    assert json.loads((tmp_path / "j2.json").read_text())["requests"] == 6  # another template: judged afresh
     bad = args[:]
     bad[bad.index("pdpo")] = "nosuch"
     assert main(bad) == 2 and "no generations of method 'nosuch'" in capsys.readouterr().err

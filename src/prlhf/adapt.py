@@ -143,8 +143,11 @@ def adapt_users(model, records: list[dict], reference=None, steps: int = 30, lea
     other user stay bit-identical. Users absent from the model are added (starting as the generic
     user); present users continue from their parameters, or restart as the generic user with
     ``reset``. ``reference`` is pi_SFT (None for a LoRA model: its base, adapters disabled).
-    ``objective`` holds the training's beta / loss type / lengths (``training_objective``); the
-    keyword arguments override it. ``steps`` optimizer steps (Adam) of ``batch_size`` pairs, the
+    ``objective`` holds the training's beta / loss type / lengths / user learning rate
+    (``training_objective``); the keyword arguments override it. The default learning rate is the
+    training's user learning rate (offsets of the individual model live at the token embeddings'
+    scale), at least 0.1 for the cluster model's mixture logits (measured on the demo: 30 steps at
+    the training's 3e-2 leave new minority users at 0.65 held-out accuracy, at 0.1 at 1.0). ``steps`` optimizer steps (Adam) of ``batch_size`` pairs, the
     pairs reshuffled every pass. ``ref_cache`` (``(user_id, prompt, chosen, rejected)`` -> reference
     log-probs) may be shared between calls on the same pairs.
     """
@@ -154,7 +157,11 @@ def adapt_users(model, records: list[dict], reference=None, steps: int = 30, lea
     loss_type = loss_type or objective.get("loss_type", "sigmoid")
     label_smoothing = objective.get("label_smoothing", 0.0)
     sft_weight = sft_weight if sft_weight is not None else objective.get("sft_weight", 0.0)
-    lr = learning_rate if learning_rate is not None else objective.get("user_learning_rate") or 1e-2
+    lr = learning_rate
+    if lr is None:  # the training's user learning rate; mixture logits (cluster) are O(1) and need larger steps
+        lr = objective.get("user_learning_rate") or 1e-2
+        if getattr(model.user_model, "per_user_param", None) == "user_logits":
+            lr = max(lr, 0.1)
     max_length = max_length if max_length is not None else objective.get("max_length", 1024)
     max_prompt_length = max_prompt_length if max_prompt_length is not None else objective.get("max_prompt_length", 512)
     if steps < 0:

@@ -468,7 +468,8 @@ def cmd_adapt(argv: list[str]) -> int:
     p.add_argument("--reset", action="store_true", help="users the model already knows restart as the generic "
                    "user instead of continuing from their current parameters")
     p.add_argument("--learning-rate", "--learning_rate", type=float, default=None,
-                   help="Adam learning rate of the users' parameters (default: the training's user learning rate, else 1e-2)")
+                   help="Adam learning rate of the users' parameters (default: the training's user learning rate, else "
+                   "1e-2; at least 0.1 for a cluster model's mixture logits)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=16)
     p.add_argument("--beta", type=float, default=None, help="default: the training's beta (training_args.json), else 0.1")
     p.add_argument("--sft-weight", "--sft_weight", type=float, default=None, help="default: the training's")
@@ -611,6 +612,13 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def cmd_judge(argv: list[str]) -> int:
+    if argv[:1] == ["--show-template"]:  # print a built-in template, to copy and edit (then --template FILE)
+        from .judge import load_template
+
+        if len(argv) != 2:
+            raise ConfigError("usage: prlhf judge --show-template generic|psoups|prism")
+        sys.stdout.write(load_template(argv[1]))
+        return 0
     p = argparse.ArgumentParser(prog="prlhf judge", description="Pairwise LLM-as-judge win rates of method A against "
                                 "method B over an OpenAI-compatible endpoint, from the generations.jsonl of "
                                 "`prlhf eval --generate N --report DIR`.")
@@ -619,7 +627,8 @@ def cmd_judge(argv: list[str]) -> int:
     p.add_argument("--b", required=True, help="method B")
     p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1")
     p.add_argument("--model", required=True, help="the judge model's name at that endpoint")
-    p.add_argument("--template", default="generic", help="generic, psoups, prism, or a template file of your own")
+    p.add_argument("--template", default="generic", help="generic, psoups, prism, or a template file of your own "
+                   "(`prlhf judge --show-template psoups > mine.txt` prints one to start from)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
     p.add_argument("--output", required=True, help="judge.json")
     p.add_argument("--cache", default=None, help="judgment cache (default: OUTPUT with .cache.jsonl)")

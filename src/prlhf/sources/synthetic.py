@@ -88,9 +88,11 @@ def synthesize(n_users: int = 20, unseen_users: int = 4, majority_share: float =
                unseen_pairs_per_user: int | None = None) -> Conversion:
     """Users with conflicting preferences over shared prompts; see the module docstring.
 
-    ``user_texts``: every record carries its user's ``profile_text`` (also in ``users.json``), a
-    self-description consistent with the user's preference, worded differently per user; drawn
-    from a separate random stream, so the pairs are the same with and without texts.
+    ``user_texts``: every record carries a ``user_text``, a self-description consistent with its
+    user's preference, worded afresh for every record (a paraphrase: opener, verb, adjective, noun
+    and an unrelated personal detail drawn at random), so the text cannot serve as a lookup key for
+    the user and a model has to read the preference words; ``users.json`` shows one wording. Drawn
+    from separate random streams, so the pairs are the same with and without texts.
     ``unseen_pairs_per_user``: pairs of each unseen user (default ``pairs_per_user``), e.g. more to
     measure how new users are learned from a few of them."""
     for a in attributes:
@@ -124,11 +126,10 @@ def synthesize(n_users: int = 20, unseen_users: int = 4, majority_share: float =
     for u, info in conv.users.items():
         info["group"] = "majority" if info["preferences"][first] == ATTRIBUTES[first][0] else "minority"
         info["preference"] = info["preferences"][first]
-    texts = {}
-    if user_texts:
+    text_rng = {u: random.Random(f"profile-{seed}-{u}") for u, _ in users} if user_texts else {}
+    if user_texts:  # users.json shows one wording of each user's profile
         for u, _ in users:
-            texts[u] = profile_text(conv.users[u]["preferences"], random.Random(f"profile-{seed}-{u}"))
-            conv.users[u]["user_text"] = texts[u]
+            conv.users[u]["user_text"] = profile_text(conv.users[u]["preferences"], random.Random(f"profile-{seed}-{u}"))
     for u, seen in users:
         prefs = conv.users[u]["preferences"]
         n_pairs = pairs_per_user if seen or unseen_pairs_per_user is None else unseen_pairs_per_user
@@ -137,7 +138,7 @@ def synthesize(n_users: int = 20, unseen_users: int = 4, majority_share: float =
             major, minor = rng.choice(candidates[(p, a)])
             chosen, rejected = (major, minor) if prefs[a] == ATTRIBUTES[a][0] else (minor, major)
             rec = {"user_id": u, "prompt": p + "\nAnswer:", "chosen": " " + chosen, "rejected": " " + rejected,
-                   "user_text": texts.get(u), "attribute": a}
+                   "user_text": profile_text(prefs, text_rng[u]) if user_texts else None, "attribute": a}
             if fmt == "chat":
                 rec.update(prompt=[{"role": "user", "content": p}], chosen=[{"role": "assistant", "content": chosen}],
                            rejected=[{"role": "assistant", "content": rejected}])
