@@ -5,7 +5,7 @@ generation: method, user_id, prompt, response, and user_text when the user has o
 B's responses to the same (user, prompt), and asks a judge behind any OpenAI-compatible endpoint
 (``/chat/completions``) which is better, with a template (``generic``, ``psoups``, ``prism``, or a
 file of your own with the placeholders ``{prompt}``, ``{response_a}``, ``{response_b}``,
-``{user_profile}``).
+``{user_profile}`` (the user's text) and ``{user_id}``).
 
 * Each pair is judged in both orders, so position bias cancels: A wins when both orders prefer it,
   a disagreement is a tie (half a win).
@@ -62,8 +62,9 @@ def _prompt_text(prompt) -> str:
     return str(prompt)
 
 
-def fill(template: str, prompt, first: str, second: str, profile: str | None) -> str:
+def fill(template: str, prompt, first: str, second: str, profile: str | None, user_id: str | None = None) -> str:
     out = template.replace("{prompt}", _prompt_text(prompt)).replace("{user_profile}", profile or "(not given)")
+    out = out.replace("{user_id}", str(user_id) if user_id is not None else "(unknown)")
     return out.replace("{response_a}", first).replace("{response_b}", second)
 
 
@@ -249,7 +250,7 @@ def judge(generations: str | Path, a: str, b: str, base_url: str, model: str, te
             with lock:
                 cached[0] += 1
         else:
-            data = client.ask(fill(text, pair["prompt"], first, second, pair.get("user_text")))
+            data = client.ask(fill(text, pair["prompt"], first, second, pair.get("user_text"), pair.get("user_id")))
             verdict, read = verdict_from_response(data)
             answer = ((data.get("choices") or [{}])[0].get("message") or {}).get("content")
             hit = {"verdict": verdict, "read": read, "answer": answer}
