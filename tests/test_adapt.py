@@ -82,7 +82,7 @@ def test_new_user_starts_as_generic_and_reset_or_continue(tmp_path):
     a_pairs = renamed(pairs, "new", "a")
     adapt_users(model, a_pairs, reference, steps=0)  # an existing user continues from their parameters
     assert torch.equal(model.user_model.user_parameters(model.registry.row("a")), a_params)
-    assert model.registry.pair_counts["a"] == 3 + 0  # build_model's registry had no counts: 3 now
+    assert model.registry.pair_counts["a"] == 3  # build_model's registry recorded no counts: these 3 are the first
     adapt_users(model, a_pairs, reference, steps=2, learning_rate=0.1)
     assert model.registry.pair_counts["a"] == 6
     moved = model.user_model.user_parameters(model.registry.row("a"))

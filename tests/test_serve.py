@@ -260,7 +260,9 @@ def test_judge_end_to_end_against_prlhf_serve(served, tmp_path, capsys):
     os.environ["PRLHF_TEST_JUDGE_KEY"] = KEY
     assert main(args) == 0
     result = json.loads(out.read_text())
-    assert result["n"] == 3 and result["valid"] + result["invalid"] == 3 and result["unpaired"]["b_only"] == 1
+    assert result["n"] == 3 and result["unpaired"]["b_only"] == 1  # user c's generation has no partner
+    assert all(x["score"] == combine(x["a_first"], x["b_first"]) for x in result["samples"])
+    assert result["invalid"] == sum(x["score"] is None for x in result["samples"])
     assert set(result["win_rate"]) == {"per_sample", "per_user"} and result["requests"] == 6
     assert sum(result["verdicts_read_from"].values()) == 6  # every answer read or counted as unreadable
     assert "| judge tiny (psoups) | 3 |" in capsys.readouterr().out

@@ -30,12 +30,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import PreferenceCollator, tokenize_dataset
+from .evaluation import pair_margins
 from .guards import check_finite
 from .losses import preference_loss
-from .scoring import packing_supported
 from .persistence import CONFIG_NAME, USER_MODEL_NAME, USERS_NAME, read_config
+from .scoring import packing_supported
 from .storage import _MODEL_SUFFIXES, MANIFEST_NAME, read_manifest, recover_folder, save_folder, verify_manifest
-from .users import GENERIC_ROW, UserRegistry
+from .user_models import ClusterUserModel, IndividualUserModel
+from .users import UserRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +147,8 @@ def adapt_users(model, records: list[dict], reference=None, steps: int = 30, lea
     ``reset``. ``reference`` is pi_SFT (None for a LoRA model: its base, adapters disabled).
     ``objective`` holds the training's beta / loss type / lengths / user learning rate
     (``training_objective``); the keyword arguments override it. The default learning rate is the
-    training's user learning rate (offsets of the individual model live at the token embeddings'
-    scale), at least 0.1 for the cluster model's mixture logits (measured on the demo: 30 steps at
-    the training's 3e-2 leave new minority users at 0.65 held-out accuracy, at 0.1 at 1.0). ``steps`` optimizer steps (Adam) of ``batch_size`` pairs, the
+    training's user learning rate, at least the user model's ``min_adapt_learning_rate`` (0.1 for the
+    cluster model's mixture logits). ``steps`` optimizer steps (Adam) of ``batch_size`` pairs, the
     pairs reshuffled every pass. ``ref_cache`` (``(user_id, prompt, chosen, rejected)`` -> reference
     log-probs) may be shared between calls on the same pairs.
     """
@@ -158,10 +159,8 @@ def adapt_users(model, records: list[dict], reference=None, steps: int = 30, lea
     label_smoothing = objective.get("label_smoothing", 0.0)
     sft_weight = sft_weight if sft_weight is not None else objective.get("sft_weight", 0.0)
     lr = learning_rate
-    if lr is None:  # the training's user learning rate; mixture logits (cluster) are O(1) and need larger steps
-        lr = objective.get("user_learning_rate") or 1e-2
-        if getattr(model.user_model, "per_user_param", None) == "user_logits":
-            lr = max(lr, 0.1)
+    if lr is None:  # the training's user learning rate, raised to the user model's floor
+        lr = max(objective.get("user_learning_rate") or 1e-2, model.user_model.min_adapt_learning_rate or 0.0)
     max_length = max_length if max_length is not None else objective.get("max_length", 1024)
     max_prompt_length = max_prompt_length if max_prompt_length is not None else objective.get("max_prompt_length", 512)
     if steps < 0:
@@ -253,15 +252,9 @@ def adapt_users(model, records: list[dict], reference=None, steps: int = 30, lea
                 optimizer.step()
                 result.loss.append(loss.item())
             with torch.no_grad():
-                hits = []
-                for s in range(0, len(examples), batch_size):
-                    chunk = examples[s:s + batch_size]
-                    batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
-                    B = len(chunk)
-                    lp = model.term_logps(batch, [(batch["user_rows"], None)])[0]
-                    ref = batch["ref_logps"].to(lp.dtype)
-                    hits.extend(((lp[:B] - ref[:B]) > (lp[B:] - ref[B:])).float().tolist())
-                result.train_accuracy = sum(hits) / len(hits)
+                margins = pair_margins(model, examples, [ex["user_row"] for ex in examples], reference, batch_size,
+                                       ref_cache={ex["index"]: ex["ref_logps"] for ex in examples})
+            result.train_accuracy = sum(m > 0 for m in margins) / len(margins)
         finally:
             model.user_model = um
     check_finite({"adapted user parameters": values.detach()}, "user adaptation")
@@ -370,33 +363,49 @@ def suggest_pairs(model, candidates: list[dict], n: int, reference=None, strateg
 # -- export and removal ------------------------------------------------------------------------------
 
 
-def _read_folder(directory: Path) -> tuple[dict, UserRegistry, dict[str, torch.Tensor]]:
+def _read_folder(directory: Path, with_tensors: bool = True) -> tuple[dict, UserRegistry, dict[str, torch.Tensor]]:
+    """Config, registry and (``with_tensors``) user-model tensors of a saved model; only the files
+    read are checked against the manifest (the base weights are not hashed to list users)."""
     recover_folder(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory}: not a prlhf model ({CONFIG_NAME} missing)")
-    if not verify_manifest(directory):
+    read = [CONFIG_NAME, USERS_NAME] + ([USER_MODEL_NAME] if with_tensors else [])
+    if not verify_manifest(directory, names=read):
         logger.warning("%s: no %s: files are not verified", directory, MANIFEST_NAME)
     config = read_config(directory / CONFIG_NAME)
     registry = UserRegistry.load(directory / USERS_NAME)
     path = directory / USER_MODEL_NAME
-    tensors = load_file(str(path)) if path.is_file() else {}
+    tensors = load_file(str(path)) if with_tensors and path.is_file() else {}
     return config, registry, tensors
 
 
-def _user_tensor(config, tensors: dict) -> tuple[str | None, int]:
-    """(name of the per-user tensor, user row stored at its index 0) for a saved user model."""
-    if config.user_model == "individual":
-        return "offsets", 1
-    if config.user_model == "cluster":
-        return "user_logits", 0
-    return None, 0
+# user model kind -> its class, which names the per-user tensor and the row stored at its index 0
+_PER_USER = {"individual": IndividualUserModel, "cluster": ClusterUserModel}
 
 
 def list_users(directory: str | os.PathLike) -> list[dict]:
     """One row per user of a saved model: id, row, pair count, whether a text is stored."""
-    config, registry, _ = _read_folder(Path(directory))
+    _, registry, _ = _read_folder(Path(directory), with_tensors=False)
     return [{"user_id": uid, "row": registry.row(uid), "n_pairs": registry.pair_counts.get(uid),
              "has_text": uid in registry.user_texts} for uid in registry.ids]
+
+
+def _export(directory: Path, config, registry: UserRegistry, tensors: dict, user_id: str) -> dict:
+    if user_id not in registry:
+        raise KeyError(f"{directory}: no user {user_id!r} (the model knows {len(registry)} users; "
+                       f"`prlhf users list --model {directory}` lists them)")
+    row = registry.row(user_id)
+    parameters: dict = {}
+    cls = _PER_USER.get(config.user_model)
+    if cls is not None and cls.per_user_param in tensors:
+        value = tensors[cls.per_user_param][row - cls.first_row].float()
+        parameters[cls.per_user_param] = value.tolist()
+        if config.user_model == "cluster":
+            w = value.softmax(-1) if config.cluster_weighting == "softmax" else value
+            parameters["cluster_weights"] = w.tolist()
+    return {"user_id": user_id, "row": row, "user_model": config.user_model, "parameters": parameters,
+            "user_text": registry.user_texts.get(user_id), "n_pairs": registry.pair_counts.get(user_id),
+            "model": str(directory)}
 
 
 def export_user(directory: str | os.PathLike, user_id: str) -> dict:
@@ -404,22 +413,7 @@ def export_user(directory: str | os.PathLike, user_id: str) -> dict:
     parameters (individual: the offset o_u, T_u x d; cluster: the K mixture logits and weights),
     their text and their pair count."""
     directory = Path(directory)
-    config, registry, tensors = _read_folder(directory)
-    if user_id not in registry:
-        raise KeyError(f"{directory}: no user {user_id!r} (the model knows {len(registry)} users; "
-                       f"`prlhf users list --model {directory}` lists them)")
-    row = registry.row(user_id)
-    name, first = _user_tensor(config, tensors)
-    parameters: dict = {}
-    if name is not None and name in tensors:
-        value = tensors[name][row - first].float()
-        parameters[name] = value.tolist()
-        if name == "user_logits":
-            w = value.softmax(-1) if config.cluster_weighting == "softmax" else value
-            parameters["cluster_weights"] = w.tolist()
-    return {"user_id": user_id, "row": row, "user_model": config.user_model, "parameters": parameters,
-            "user_text": registry.user_texts.get(user_id), "n_pairs": registry.pair_counts.get(user_id),
-            "model": str(directory)}
+    return _export(directory, *_read_folder(directory), user_id)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -436,14 +430,14 @@ def remove_user(directory: str | os.PathLike, user_id: str) -> dict:
     up one row). The shared weights were trained on the user's pairs too: removing those needs
     retraining without them. Returns what was removed (``export_user``)."""
     directory = Path(directory)
-    removed = export_user(directory, user_id)
     config, registry, tensors = _read_folder(directory)
+    removed = _export(directory, config, registry, tensors, user_id)
     row = registry.remove(user_id)
-    name, first = _user_tensor(config, tensors)
-    if name is not None and name in tensors:
-        t = tensors[name]
-        i = row - first
-        tensors[name] = torch.cat([t[:i], t[i + 1:]]).contiguous()
+    cls = _PER_USER.get(config.user_model)
+    if cls is not None and cls.per_user_param in tensors:
+        t = tensors[cls.per_user_param]
+        i = row - cls.first_row
+        tensors[cls.per_user_param] = torch.cat([t[:i], t[i + 1:]]).contiguous()
     manifest = read_manifest(directory)
     if manifest is not None:
         saved = sorted(manifest["files"])
@@ -453,11 +447,11 @@ def remove_user(directory: str | os.PathLike, user_id: str) -> dict:
 
     def write(tmp: Path) -> None:
         # the rest of the saved model, unchanged (other entries, such as checkpoints, are carried over by save_folder)
-        for name in saved:
-            if name in changed:
+        for rel in saved:
+            if rel in changed:
                 continue
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(directory / name, tmp / name)
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(directory / rel, tmp / rel)
         registry.save(tmp / USERS_NAME)
         if tensors:
             save_file(tensors, str(tmp / USER_MODEL_NAME), metadata={"format": "pt", "kind": config.user_model})
@@ -467,4 +461,4 @@ def remove_user(directory: str | os.PathLike, user_id: str) -> dict:
 
 
 __all__ = ["AdaptResult", "adapt_users", "training_objective", "suggest_pairs", "disagreement_scores",
-           "committee_embeddings", "export_user", "remove_user", "list_users", "GENERIC_ROW"]
+           "committee_embeddings", "export_user", "remove_user", "list_users"]

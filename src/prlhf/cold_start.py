@@ -34,11 +34,20 @@ def split_new_users(records: list[dict], held_out_prompts: set[str]) -> tuple[di
     return pools, held_out
 
 
+def accuracy_by_group(pairs: list[dict], groups: dict[str, str] | None) -> dict[str, float]:
+    """Mean correctness of ``evaluate_accuracy``'s per-pair results per user group (``all`` when
+    a user has none)."""
+    hits: dict[str, list[float]] = {}
+    for p in pairs:
+        hits.setdefault((groups or {}).get(str(p["user_id"]), "all"), []).append(p["correct"])
+    return {g: sum(v) / len(v) for g, v in sorted(hits.items())}
+
+
 def _orders(model, pools: dict[str, list[dict]], reference, strategies, seed: int, score_kwargs: dict) -> dict:
     orders = {}
     for strategy in strategies:
         orders[strategy] = {}
-        for k, (uid, pool) in enumerate(sorted(pools.items())):
+        for uid, pool in sorted(pools.items()):
             if strategy == "random":
                 order = list(range(len(pool)))
                 random.Random(f"{seed}-{uid}").shuffle(order)
@@ -71,10 +80,7 @@ def learning_curves(model, pools: dict[str, list[dict]], held_out: list[dict], r
     def score() -> tuple[float, list[float], dict]:
         acc = evaluate_accuracy(model, held_out, reference, ref_cache=eval_cache, **eval_kwargs)
         hits = [p["correct"] for p in acc["pairs"]]
-        by_group: dict[str, list[float]] = {}
-        for p in acc["pairs"]:
-            by_group.setdefault((groups or {}).get(p["user_id"], "all"), []).append(p["correct"])
-        return acc["accuracy"]["overall"], bootstrap_ci(hits), {g: sum(v) / len(v) for g, v in sorted(by_group.items())}
+        return acc["accuracy"]["overall"], bootstrap_ci(hits), accuracy_by_group(acc["pairs"], groups)
 
     generic = None
     for strategy in strategies:

@@ -74,7 +74,7 @@ def run_cold_start(out: Path, data_dir: Path, text_dir: Path, reference, groups:
     individual and cluster models from k = 0..32 of their pairs (random and active choice), and,
     with no pairs at all, from a profile text (a model trained with every user's text)."""
     from .adapt import training_objective
-    from .cold_start import learning_curves, pairs_to_match, split_new_users
+    from .cold_start import accuracy_by_group, learning_curves, pairs_to_match, split_new_users
 
     test = load_preference_data(data_dir / "test.jsonl")
     unseen = load_preference_data(data_dir / "unseen.jsonl")
@@ -121,13 +121,8 @@ def run_cold_start(out: Path, data_dir: Path, text_dir: Path, reference, groups:
     cold["no_text_accuracy"] = without["accuracy"]["unseen"]
     cold["no_text_ci"] = without["accuracy"]["ci"]["unseen"]
     cold["text_model_seen_accuracy"] = seen_text["accuracy"]["seen"]
-    by_group = {}
-    for label, acc in (("text", with_text), ("no_text", without)):
-        hits: dict[str, list[float]] = {}
-        for p in acc["pairs"]:
-            hits.setdefault(groups.get(str(p["user_id"]), "all"), []).append(p["correct"])
-        by_group[label] = {g: sum(v) / len(v) for g, v in sorted(hits.items())}
-    cold["text_only_by_group"] = by_group
+    cold["text_only_by_group"] = {label: accuracy_by_group(acc["pairs"], groups)
+                                  for label, acc in (("text", with_text), ("no_text", without))}
     gen_text = evaluate_generation(model, unseen_text, n_per_user=generate_per_user, groups=groups, batch_size=32,
                                    max_new_tokens=60)
     gen_none = evaluate_generation(model, no_text, n_per_user=generate_per_user, groups=groups, batch_size=32,

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
+from .data import DataError, read_records
 from .evaluation import bootstrap_ci
 
 logger = logging.getLogger(__name__)
@@ -72,24 +73,17 @@ def read_pairs(path: str | Path, a: str, b: str) -> tuple[list[dict], dict]:
     """(pairs, counts): A's and B's generation for each (user, prompt) both methods answered."""
     by_method: dict[str, dict] = {a: {}, b: {}}
     methods = set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {n}: not valid JSON ({err})") from None
-            for key in ("method", "prompt", "response"):
-                if key not in rec:
-                    raise ValueError(f"{path}: line {n}: field '{key}' is missing")
-            methods.add(rec["method"])
-            if rec["method"] in by_method:
-                key = (rec.get("user_id"), json.dumps(rec["prompt"], sort_keys=True))
-                by_method[rec["method"]].setdefault(key, rec)
+    for i, rec in enumerate(read_records(path)):
+        for key in ("method", "prompt", "response"):
+            if key not in rec:
+                raise DataError(f"{path}: line {rec.get('_line', i + 1)}: field '{key}' is missing")
+        methods.add(rec["method"])
+        if rec["method"] in by_method:
+            key = (rec.get("user_id"), json.dumps(rec["prompt"], sort_keys=True))
+            by_method[rec["method"]].setdefault(key, rec)
     for m in (a, b):
         if not by_method[m]:
-            raise ValueError(f"{path}: no generations of method {m!r} (the file has {sorted(methods)})")
+            raise DataError(f"{path}: no generations of method {m!r} (the file has {sorted(methods)})")
     keys = [k for k in by_method[a] if k in by_method[b]]
     pairs = [{"user_id": k[0], "prompt": by_method[a][k]["prompt"], "a": by_method[a][k]["response"],
               "b": by_method[b][k]["response"],

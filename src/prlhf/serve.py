@@ -318,8 +318,9 @@ def create_app(server: Server, api_key: str | None = None):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if body.get("stream"):
-            return StreamingResponse(_stream(request, jobs, chat, rid, created, served, bool(body.get("stream_options", {}) and
-                                                                                            body["stream_options"].get("include_usage"))),
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            return StreamingResponse(_stream(request, jobs, chat, rid, created, served, include_usage),
                                      media_type="text/event-stream", headers=headers)
         results = []
         try:

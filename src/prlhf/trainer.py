@@ -347,14 +347,7 @@ class PDPOTrainer(_ResumableTrainer):
         if selected is not None:  # the generic term of generic-user pairs is their user term
             run = by_name.get("generic")
             by_name["generic"] = by_name["user"] if run is None else torch.where(selected.repeat(2), run, by_name["user"])
-        if "ref_logps" in batch:
-            ref = batch["ref_logps"].to(logps.dtype)
-        elif self.reference_model is None and not pm.is_lora:
-            raise ValueError("this batch has no precomputed reference log-probs and the trainer holds no reference model: "
-                             "pass the data as train_dataset / eval_dataset when building the trainer (they are "
-                             "precomputed then), or set precompute_ref_log_probs=False")
-        else:
-            ref = pm.reference_pair_logps(batch, self.reference_model, full_logits=full_logits)  # (2B,)
+        ref = self._batch_reference(pm, batch, full_logits, logps.dtype)  # (2B,)
 
         out, metrics = {}, {}
         n_chosen = batch["n_tokens"][:B].clamp(min=1)  # response tokens of chosen (B,)
@@ -377,15 +370,9 @@ class PDPOTrainer(_ResumableTrainer):
         main = out.get("user") or out["generic"]
         _, cr, rr, lpc, lpr = main
         g = self.accelerator.gather_for_metrics
-        cr, rr, lpc, lpr, rows_all = g(cr), g(rr), g(lpc), g(lpr), g(user_rows)
-        metrics["rewards/chosen"] = cr.mean().item()
-        metrics["rewards/rejected"] = rr.mean().item()
+        cr, rr, rows_all = g(cr), g(rr), g(user_rows)
+        metrics.update(self._pair_metrics(cr, rr, lpc, lpr, ref))
         metrics["rewards/accuracies"] = (cr > rr).float().mean().item()
-        metrics["rewards/margins"] = (cr - rr).mean().item()
-        metrics["logps/chosen"] = lpc.mean().item()
-        metrics["logps/rejected"] = lpr.mean().item()
-        metrics["logps/ref_chosen"] = g(ref[:B]).mean().item()
-        metrics["logps/ref_rejected"] = g(ref[B:]).mean().item()
         if "generic" in out and "user" in out:
             gcr, grr = g(out["generic"][1]), g(out["generic"][2])
             metrics["rewards_generic/accuracies"] = (gcr > grr).float().mean().item()
@@ -404,10 +391,7 @@ class PDPOTrainer(_ResumableTrainer):
         rows = torch.where(use_user, user_rows, torch.full_like(user_rows, GENERIC_ROW))
         full_logits = not self.args.response_logits_only
         lp = model(pairs=batch, terms=[(rows, None)], full_logits=full_logits)[0]  # (2B,)
-        if "ref_logps" in batch:
-            ref = batch["ref_logps"].to(lp.dtype)
-        else:
-            ref = pm.reference_pair_logps(batch, self.reference_model, full_logits=full_logits)
+        ref = self._batch_reference(pm, batch, full_logits, lp.dtype)
         losses, cr, rr = preference_loss(lp[:B], lp[B:], ref[:B], ref[B:], self.args.beta, self.args.loss_type,
                                          self.args.label_smoothing)
         metrics = {}
@@ -419,16 +403,9 @@ class PDPOTrainer(_ResumableTrainer):
         self._last_terms = {"reference log-probs": ref.detach(), "policy log-probs (sampled terms)": lp.detach(),
                             "sampled terms of the loss": losses.detach()}
         g = self.accelerator.gather_for_metrics
-        cr, rr, lpc, lpr = g(cr.detach()), g(rr.detach()), g(lp[:B].detach()), g(lp[B:].detach())
-        use_user, rows_all = g(use_user), g(user_rows)
+        cr, rr, use_user, rows_all = g(cr.detach()), g(rr.detach()), g(use_user), g(user_rows)
+        metrics.update(self._pair_metrics(cr, rr, lp[:B].detach(), lp[B:].detach(), ref))
         hit = (cr > rr).float()
-        metrics["rewards/chosen"] = cr.mean().item()
-        metrics["rewards/rejected"] = rr.mean().item()
-        metrics["rewards/margins"] = (cr - rr).mean().item()
-        metrics["logps/chosen"] = lpc.mean().item()
-        metrics["logps/rejected"] = lpr.mean().item()
-        metrics["logps/ref_chosen"] = g(ref[:B]).mean().item()
-        metrics["logps/ref_rejected"] = g(ref[B:]).mean().item()
         # accuracies per term over the pairs that drew it (a term no pair drew logs nothing this step)
         if bool(use_user.any()):
             metrics["rewards/accuracies"] = hit[use_user].mean().item()
@@ -437,6 +414,25 @@ class PDPOTrainer(_ResumableTrainer):
             metrics["rewards_generic/margins"] = (cr - rr)[~use_user].mean().item()
         metrics["_hits"] = (rows_all[use_user].tolist(), hit[use_user].tolist())
         return loss, metrics
+
+    def _batch_reference(self, pm: PersonalizedLM, batch: dict, full_logits: bool, dtype) -> torch.Tensor:
+        """log pi_SFT of chosen and rejected (2B,): precomputed in the batch, else computed now."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"].to(dtype)
+        if self.reference_model is None and not pm.is_lora:
+            raise ValueError("this batch has no precomputed reference log-probs and the trainer holds no reference model: "
+                             "pass the data as train_dataset / eval_dataset when building the trainer (they are "
+                             "precomputed then), or set precompute_ref_log_probs=False")
+        return pm.reference_pair_logps(batch, self.reference_model, full_logits=full_logits)
+
+    def _pair_metrics(self, cr, rr, lpc, lpr, ref) -> dict:
+        """TRL's reward and log-prob means; ``cr``/``rr`` already gathered, the rest gathered here."""
+        g = self.accelerator.gather_for_metrics
+        B = lpc.shape[0]
+        return {"rewards/chosen": cr.mean().item(), "rewards/rejected": rr.mean().item(),
+                "rewards/margins": (cr - rr).mean().item(), "logps/chosen": g(lpc).mean().item(),
+                "logps/rejected": g(lpr).mean().item(), "logps/ref_chosen": g(ref[:B]).mean().item(),
+                "logps/ref_rejected": g(ref[B:]).mean().item()}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.pdpo_loss(model, inputs)
