@@ -8,24 +8,27 @@ import json
 
 
 def model_card(config, n_users: int, n_user_texts: int = 0, training: dict | None = None,
-               metrics: dict | None = None) -> str:
+               metrics: dict | None = None, kind: str = "policy") -> str:
     """Markdown for a personalized model. ``config`` is its ``PersonalizationConfig``; ``training``
     holds settings worth reporting (data file, steps, beta, alpha, ...); ``metrics`` the last logged
-    training metrics."""
+    training metrics; ``kind`` "policy" or "reward" (a P-RM: the same folder plus a reward head)."""
+    reward = kind == "reward"
     base = config.base_model_name_or_path
     kind = {"none": "none (vanilla DPO)", "uniform": "uniform (one shared soft prompt: vanilla DPO)",
             "individual": "individual (e_0 plus a per-user offset)",
             "cluster": f"cluster ({config.n_clusters} cluster embeddings mixed per user, {config.cluster_weighting})"}
     lines = ["---", "library_name: prlhf", f"base_model: {json.dumps(base)}",
-             "tags:", "- prlhf", "- p-dpo", "- personalization"] + (["- lora"] if config.use_lora else []) + ["---", "",
-             f"# Personalized {base.rstrip('/').split('/')[-1]}", "",
-             "A causal LM personalized with P-RLHF / P-DPO (Li et al., *Personalized Language Modeling from "
-             "Personalized Human Feedback*, arXiv 2402.05133) by [prlhf](https://pypi.org/project/prlhf/): a user "
-             "model turns each user into a soft prompt prepended to the input embeddings.", "",
+             "tags:", "- prlhf", "- p-rm" if reward else "- p-dpo", "- personalization"] + (["- lora"] if config.use_lora else []) + ["---", "",
+             f"# Personalized {'reward model on ' if reward else ''}{base.rstrip('/').split('/')[-1]}", "",
+             ("A personalized reward model (P-RM)" if reward else "A causal LM personalized with P-RLHF / P-DPO")
+             + " (Li et al., *Personalized Language Modeling from Personalized Human Feedback*, arXiv 2402.05133) by "
+             "[prlhf](https://pypi.org/project/prlhf/): a user model turns each user into a soft prompt prepended to "
+             "the input embeddings" + ("; a scalar head on the last token's hidden state gives r(x, y, u)." if reward else "."),
+             "",
              "| | |", "|---|---|",
              f"| base model | `{base}` |",
              f"| weights | {'LoRA adapter on the base model' if config.use_lora else 'full model'} |",
-             f"| reference (pi_SFT) | `{config.reference_model_name_or_path or (base + ' (adapters disabled)' if config.use_lora else base)}` |",
+             *([] if reward else [f"| reference (pi_SFT) | `{config.reference_model_name_or_path or (base + ' (adapters disabled)' if config.use_lora else base)}` |"]),
              f"| user model | {kind.get(config.user_model, config.user_model)} |",
              f"| user tokens (T_u) | {config.n_implicit_tokens} |",
              f"| users | {n_users} known (unknown ids get the generic user e_0){f'; {n_user_texts} with a text' if n_user_texts else ''} |"]
@@ -35,6 +38,13 @@ def model_card(config, n_users: int, n_user_texts: int = 0, training: dict | Non
     if metrics:
         lines += ["", "## Last training metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+    if reward:
+        lines += ["", "## Use", "", "```python", "from prlhf.reward import PersonalizedRewardModel", "",
+                  "rm = PersonalizedRewardModel.from_pretrained(\"<this folder>\")",
+                  "print(rm.score([\"Your prompt\"], [\"A response\"], user_ids=[\"<a user id>\"]))", "```", "",
+                  "or `prlhf rm score --model <this folder> --input rows.jsonl --output scored.jsonl`; `users.json` lists "
+                  "the users, `manifest.json` the SHA-256 of every file.", ""]
+        return "\n".join(lines)
     lines += ["", "## Use", "", "```python", "from prlhf import PersonalizedLM", "",
               "model = PersonalizedLM.from_pretrained(\"<this folder>\")",
               "print(model.generate([\"Your prompt\"], user_ids=[\"<a user id>\"])[0])", "```", "",

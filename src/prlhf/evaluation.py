@@ -123,22 +123,40 @@ def evaluate_accuracy(model: PersonalizedLM, records: list[dict], reference=None
     is scored once.
     """
     model.eval()
-    settings = model.tokenize_settings(max_length, max_prompt_length)
-    examples = tokenize_dataset(records, model.tokenizer, settings, model.registry)
-    own_rows = [ex["user_row"] for ex in examples]
     ref_cache = {} if ref_cache is None else ref_cache
-    own = pair_margins(model, examples, own_rows, reference, batch_size, ref_cache)
+
+    def margins(examples, rows, same_tokens=True):  # the cache is keyed by record index: same tokens only
+        return pair_margins(model, examples, rows, reference, batch_size, ref_cache if same_tokens else None)
+
+    return score_pairs(model, records, model.tokenize_settings(max_length, max_prompt_length), margins)
+
+
+def score_pairs(model, records: list[dict], settings, margins) -> dict:
+    """Tokenize ``records`` for ``model`` (a ``PersonalizedLM``, or any object with its
+    ``tokenizer``, ``registry``, ``prlhf_config`` and ``user_model``), score each pair with
+    ``margins(examples, user_rows, same_tokens)`` (chosen minus rejected, one per example) under
+    its own user and, for seen users, under the generic user, and return ``accuracy_metrics``."""
+    examples = tokenize_dataset(records, model.tokenizer, settings, model.registry)
+    own = margins(examples, [ex["user_row"] for ex in examples])
     seen_idx = [i for i, ex in enumerate(examples) if ex["user_id"] in model.registry]
     if model.prlhf_config.user_id_prompt and seen_idx:
         # the id-in-prompt baseline: the generic user is the prompt with an unknown id
         anonymous = [dict(records[examples[i]["index"]], user_id=None) for i in seen_idx]
         generic_examples = tokenize_dataset(anonymous, model.tokenizer, settings, model.registry)
-        generic_margins = pair_margins(model, generic_examples, [GENERIC_ROW] * len(seen_idx), reference, batch_size)
+        generic_margins = margins(generic_examples, [GENERIC_ROW] * len(seen_idx), False)
     elif model.user_model is not None and model.user_model.depends_on_user and seen_idx:
-        generic_margins = pair_margins(model, [examples[i] for i in seen_idx], [GENERIC_ROW] * len(seen_idx), reference,
-                                       batch_size, ref_cache)
+        generic_margins = margins([examples[i] for i in seen_idx], [GENERIC_ROW] * len(seen_idx))
     else:  # the generic user's scores equal the users' own
         generic_margins = [own[i] for i in seen_idx]
+    return accuracy_metrics(examples, len(records), seen_idx, own, generic_margins)
+
+
+def accuracy_metrics(examples: list[dict], n_records: int, seen_idx: list[int], own: list[float],
+                     generic_margins: list[float]) -> dict:
+    """The ``metrics.json`` accuracies (overall, seen, generic, unseen, per user, with CIs) plus
+    per-pair results, from each tokenized pair's margin under its own user (``own``) and, for the
+    pairs of seen users (``seen_idx``), under the generic user (``generic_margins``). Any scorer
+    whose margin is positive when the chosen response wins fits: implicit rewards, reward models."""
     correct = [score(m) for m in own]
     generic_correct = [score(m) for m in generic_margins]
     seen_set = set(seen_idx)
@@ -159,7 +177,7 @@ def evaluate_accuracy(model: PersonalizedLM, records: list[dict], reference=None
     unseen_users = {u: per_user[u] for u in users_of(unseen_idx)}
     return {
         "n_pairs": len(examples),
-        "n_skipped": len(records) - len(examples),
+        "n_skipped": n_records - len(examples),
         "accuracy": {
             **{k: _mean(v) for k, v in samples.items()},
             "per_user": {u: _mean(v) for u, v in per_user.items()},

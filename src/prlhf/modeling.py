@@ -303,10 +303,12 @@ class PersonalizedLM(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         extra_files: dict[str, str] | None = None, card_training: dict | None = None,
-                        card_metrics: dict | None = None) -> None:
+                        card_metrics: dict | None = None, extra_tensors: dict | None = None,
+                        card_kind: str = "policy") -> None:
         """Write the whole model folder atomically, with the model card and ``manifest.json``;
         non-finite weights are refused (see ``prlhf.persistence.save_personalized``)."""
-        save_personalized(self, save_directory, state_dict, extra_files, card_training, card_metrics)
+        save_personalized(self, save_directory, state_dict, extra_files, card_training, card_metrics, extra_tensors,
+                          card_kind)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, trust_remote_code: bool = False,

@@ -35,11 +35,13 @@ USERS_NAME = "users.json"
 
 def save_personalized(model: PersonalizedLM, save_directory: str | os.PathLike, state_dict: dict | None = None,
                     extra_files: dict[str, str] | None = None, card_training: dict | None = None,
-                    card_metrics: dict | None = None) -> None:
+                    card_metrics: dict | None = None, extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+                    card_kind: str = "policy") -> None:
     """Write the base model (or LoRA adapter), tokenizer, user model (safetensors), user
-    registry, ``prlhf_config.json``, ``extra_files`` ({name: text}) and ``manifest.json`` (each
-    file's SHA-256) as one folder, atomically: a kill leaves the old folder or the new one.
-    Non-finite weights are refused (``NonFiniteError``), never written."""
+    registry, ``prlhf_config.json``, ``extra_files`` ({name: text}), ``extra_tensors`` ({file name:
+    {tensor name: tensor}}, as safetensors: e.g. a reward head) and ``manifest.json`` (each file's
+    SHA-256) as one folder, atomically: a kill leaves the old folder or the new one. Non-finite
+    weights are refused (``NonFiniteError``), never written."""
     check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, f"the weights to save in {save_directory}")
 
     def write(tmp: Path):
@@ -51,7 +53,10 @@ def save_personalized(model: PersonalizedLM, save_directory: str | os.PathLike, 
             save_file(tensors, str(tmp / USER_MODEL_NAME), metadata={"format": "pt", "kind": model.prlhf_config.user_model})
         model.registry.save(tmp / USERS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(asdict(model.prlhf_config), indent=1))
-        card = model_card(model.prlhf_config, len(model.registry), len(model.registry.user_texts), card_training, card_metrics)
+        for name, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name), metadata={"format": "pt"})
+        card = model_card(model.prlhf_config, len(model.registry), len(model.registry.user_texts), card_training, card_metrics,
+                          card_kind)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")

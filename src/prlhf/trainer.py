@@ -195,7 +195,87 @@ def _load_records(source, what: str):
     return load_preference_data(source)
 
 
-class PDPOTrainer(_ResumableTrainer):
+class _PreferenceTrainer(_ResumableTrainer):
+    """What the pairwise trainers (``PDPOTrainer``, ``prlhf.reward.PRMTrainer``) share: preference
+    metrics logged as TRL logs them (means per logging step, per-user accuracy for few users), and
+    a separate learning rate for the user model (``user_learning_rate``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._user_hits = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+
+    def _registry(self) -> UserRegistry | None:
+        return self.accelerator.unwrap_model(self.model).registry
+
+    def pair_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(mean loss, metrics with ``_hits`` = (user rows, per-pair hits)) of a collated batch."""
+        raise NotImplementedError
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.pair_loss(model, inputs)
+        self._store("train" if model.training else "eval", metrics)
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, metrics = self.pair_loss(model, inputs)
+        self._store("eval", metrics)
+        return loss.detach(), None, None
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def _store(self, mode: str, metrics: dict) -> None:
+        rows, hits = metrics.pop("_hits")
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        for r, h in zip(rows, hits):
+            acc = self._user_hits[mode][r]
+            acc[0] += h
+            acc[1] += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        stored = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        registry = self._registry()
+        if len(registry) <= self.args.log_per_user_max:
+            for row, (h, c) in sorted(self._user_hits[mode].items()):
+                uid = registry.ids[row - 1] if row > 0 else "generic"
+                stored[f"rewards/accuracies_user/{uid}"] = h / c
+        if mode == "eval":
+            stored = {f"eval_{k}": v for k, v in stored.items()}
+            self._last_eval_metrics = stored
+        logs = {**logs, **stored}
+        self._metrics[mode].clear()
+        self._user_hits[mode].clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """``Trainer.evaluate`` plus the preference metrics (``eval_rewards/accuracies``, ...)."""
+        self._last_eval_metrics = {}
+        metrics = super().evaluate(*args, **kwargs)
+        metrics.update(self._last_eval_metrics)
+        return metrics
+
+    # -- optimizer: a separate learning rate for the user model -------------------------------
+
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        if self.optimizer is None and self.args.user_learning_rate is not None:
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+            user = [p for n, p in named if "user_model" in n.split(".")]
+            rest = [p for n, p in named if "user_model" not in n.split(".")]
+            self.optimizer = cls([
+                {"params": rest, "weight_decay": self.args.weight_decay},
+                {"params": user, "weight_decay": 0.0, "lr": self.args.user_learning_rate},
+            ], **kwargs)
+        return super().create_optimizer(model)
+
+
+class PDPOTrainer(_PreferenceTrainer):
     """Personalized DPO: trains the LLM and the user model jointly.
 
     Per pair (x, y_w, y_l, u): L = alpha * l(Delta_P) + (1 - alpha) * l(Delta_P0), where l is the
@@ -237,7 +317,6 @@ class PDPOTrainer(_ResumableTrainer):
                                       packing=args.packing)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evals,
                          processing_class=tokenizer, **kwargs)
-        self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
         if reference_model is not None:
             reference_model = reference_model.requires_grad_(False).to(self.args.device).eval()
         # a reference passed in as an object stays available to evaluation after training (the
@@ -251,8 +330,6 @@ class PDPOTrainer(_ResumableTrainer):
         elif reference_model is None and not model.is_lora:
             reference_model = copy.deepcopy(model.llm).requires_grad_(False).eval()
         self.reference_model = reference_model
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._user_hits = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
 
     def reference_for_eval(self) -> torch.nn.Module | None:
         """pi_SFT for ``evaluate_accuracy`` after training, the one training used: the reference the
@@ -327,6 +404,9 @@ class PDPOTrainer(_ResumableTrainer):
         if not distinct:
             return True, False  # the generic term equals the user term
         return alpha > 0, alpha < 1
+
+    def pair_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self.pdpo_loss(model, batch)
 
     def pdpo_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         pm: PersonalizedLM = self.accelerator.unwrap_model(model)
@@ -434,72 +514,9 @@ class PDPOTrainer(_ResumableTrainer):
                 "logps/rejected": g(lpr).mean().item(), "logps/ref_chosen": g(ref[:B]).mean().item(),
                 "logps/ref_rejected": g(ref[B:]).mean().item()}
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.pdpo_loss(model, inputs)
-        self._store("train" if model.training else "eval", metrics)
-        return (loss, metrics) if return_outputs else loss
-
     def _nonfinite_detail(self) -> str:
         bad = [name for name, t in getattr(self, "_last_terms", {}).items() if not bool(torch.isfinite(t).all())]
         return f": {', '.join(bad)} (beta {self.args.beta}, alpha {self.args.alpha})" if bad else ""
-
-    def _registry(self) -> UserRegistry | None:
-        return self.accelerator.unwrap_model(self.model).registry
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss, metrics = self.pdpo_loss(model, inputs)
-        self._store("eval", metrics)
-        return loss.detach(), None, None
-
-    # -- metrics ------------------------------------------------------------------------------
-
-    def _store(self, mode: str, metrics: dict) -> None:
-        rows, hits = metrics.pop("_hits")
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(value)
-        for r, h in zip(rows, hits):
-            acc = self._user_hits[mode][r]
-            acc[0] += h
-            acc[1] += 1
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        stored = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
-        pm = self.accelerator.unwrap_model(self.model)
-        if len(pm.registry) <= self.args.log_per_user_max:
-            for row, (h, c) in sorted(self._user_hits[mode].items()):
-                uid = pm.registry.ids[row - 1] if row > 0 else "generic"
-                stored[f"rewards/accuracies_user/{uid}"] = h / c
-        if mode == "eval":
-            stored = {f"eval_{k}": v for k, v in stored.items()}
-            self._last_eval_metrics = stored
-        logs = {**logs, **stored}
-        self._metrics[mode].clear()
-        self._user_hits[mode].clear()
-        super().log(logs, start_time)
-
-    def evaluate(self, *args, **kwargs) -> dict[str, float]:
-        """``Trainer.evaluate`` plus the preference metrics (``eval_rewards/accuracies``, ...)."""
-        self._last_eval_metrics = {}
-        metrics = super().evaluate(*args, **kwargs)
-        metrics.update(self._last_eval_metrics)
-        return metrics
-
-    # -- optimizer: a separate learning rate for the user model -------------------------------
-
-    def create_optimizer(self, model=None):
-        opt_model = self.model if model is None else model
-        if self.optimizer is None and self.args.user_learning_rate is not None:
-            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            user = [p for n, p in opt_model.named_parameters() if n.startswith("user_model.") and p.requires_grad]
-            rest = [p for n, p in opt_model.named_parameters() if not n.startswith("user_model.") and p.requires_grad]
-            self.optimizer = cls([
-                {"params": rest, "weight_decay": self.args.weight_decay},
-                {"params": user, "weight_decay": 0.0, "lr": self.args.user_learning_rate},
-            ], **kwargs)
-        return super().create_optimizer(model)
 
     # -- save / resume ------------------------------------------------------------------------
 

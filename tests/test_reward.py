@@ -1,0 +1,200 @@
+"""P-RM (prlhf.reward): hand-computed BT loss and its alpha mixture, padding-invariant last-token
+pick, a P-RM with no user model equals TRL's RewardTrainer loss, uniform ignores alpha, training
+learns opposite users where a vanilla RM cannot, save / load / resume, alpha_sampling."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import build_model, collate, two_user_records
+from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+from prlhf.models import tiny_llama
+from prlhf.reward import (PersonalizedRewardModel, PRMConfig, PRMTrainer, bradley_terry_loss, evaluate_reward_accuracy,
+                          last_token_index, prm_loss)
+from prlhf.trainer import latest_checkpoint
+from prlhf.users import UserRegistry
+
+
+def rm_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "rm"), report_to="none", use_cpu=True, disable_tqdm=True,
+                per_device_train_batch_size=4, learning_rate=1e-3, n_user_tokens=2, save_strategy="no", logging_steps=1,
+                train_sampling_strategy="sequential", weight_decay=0.0, model_name_or_path="tiny-llama")
+    base.update(kw)
+    return PRMConfig(**base)
+
+
+def reward_model(user_model="individual", users=("long_fan", "short_fan"), **cfg) -> PersonalizedRewardModel:
+    llm, tok = tiny_llama()
+    config = PersonalizationConfig("tiny-llama", user_model=user_model, n_user_tokens=2, **cfg)
+    torch.manual_seed(0)
+    return PersonalizedRewardModel(PersonalizedLM.build(config, UserRegistry(users), llm=llm, tokenizer=tok))
+
+
+def test_bt_loss_and_mixture_by_hand():
+    rw, rl = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    assert torch.allclose(bradley_terry_loss(rw, rl), torch.tensor([math.log(1 + math.exp(-1)), math.log(1 + math.exp(1))]))
+    gw, gl = torch.tensor([0.5, 0.5]), torch.tensor([0.5, -0.5])
+    mixed = prm_loss((rw, rl), (gw, gl), 0.25)
+    by_hand = [0.25 * math.log(1 + math.exp(-1)) + 0.75 * math.log(2),
+               0.25 * math.log(1 + math.exp(1)) + 0.75 * math.log(1 + math.exp(-1))]
+    assert torch.allclose(mixed, torch.tensor(by_hand))
+    centred = prm_loss((rw, rl), None, 1.0, center_coefficient=0.1)
+    assert torch.allclose(centred, torch.tensor([math.log(1 + math.exp(-1)) + 0.1 * 9, math.log(1 + math.exp(1)) + 0.1]))
+
+
+def test_last_token_index_and_rewards_do_not_depend_on_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [2, 4, 4]
+    rm = PersonalizedRewardModel(build_model("individual", users=("long_fan", "short_fan")))
+    rm.eval()
+    records = two_user_records(n_prompts=3)
+    right, left = collate(rm.plm, records, side="right"), collate(rm.plm, records, side="left")
+    assert not torch.equal(right["attention_mask"], left["attention_mask"])  # really padded differently
+    with torch.no_grad():
+        r1 = rm.batch_rewards(right, right["user_rows"])
+        r2 = rm.batch_rewards(left, left["user_rows"])
+        # and equal to each sequence scored alone, without any padding
+        alone = [rm(right["input_ids"][i:i + 1, : int(right["attention_mask"][i].sum())],
+                    right["attention_mask"][i:i + 1, : int(right["attention_mask"][i].sum())],
+                    right["implicit_mask"][i:i + 1, : int(right["attention_mask"][i].sum())],
+                    right["user_rows"].repeat(2)[i:i + 1]) for i in range(r1.shape[0])]
+    assert torch.allclose(r1, r2, atol=1e-5)
+    assert torch.allclose(r1, torch.cat(alone), atol=1e-5)
+
+
+@pytest.mark.parametrize("center", [0.0, 0.05])
+def test_no_user_model_equals_trl_reward_trainer_loss(tmp_path, center):
+    """The same backbone and head weights in a LlamaForSequenceClassification: TRL's RewardTrainer
+    loss on the same token batch equals the P-RM loss (user model none) for every alpha."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import LlamaForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    records = two_user_records(n_prompts=4)
+    rm = reward_model("none")
+    with torch.no_grad():
+        rm.head.weight.normal_(0, 0.5)
+    llm = rm.plm.llm
+    config = llm.config.__class__(**{**llm.config.to_dict(), "num_labels": 1})
+    classifier = LlamaForSequenceClassification(config)
+    classifier.model.load_state_dict(llm.model.state_dict())
+    with torch.no_grad():
+        classifier.score.weight.copy_(rm.head.weight)
+    ds = Dataset.from_list([{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in records])
+    trl = RewardTrainer(model=classifier, args=RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True,
+                                                            bf16=False, center_rewards_coefficient=center or None),
+                        train_dataset=ds, processing_class=rm.tokenizer)
+    for alpha in (1.0, 0.3):
+        ours = PRMTrainer(model=rm, args=rm_args(tmp_path, alpha=alpha, user_model="none",
+                                                 center_rewards_coefficient=center), train_dataset=records)
+        batch = ours.data_collator(ours.train_dataset)
+        assert rm.tokenizer.pad_token_id not in batch["input_ids"][batch["attention_mask"].bool()]
+        with torch.no_grad():
+            got, _ = ours.pair_loss(rm, batch)
+            expected = trl.compute_loss(classifier, {"input_ids": batch["input_ids"],
+                                                     "attention_mask": batch["attention_mask"]})
+        assert abs(expected.item() - math.log(2)) > 1e-2  # the head is not degenerate
+        assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_uniform_reward_model_ignores_alpha_even_with_both_terms_run(tmp_path, monkeypatch):
+    records = two_user_records(n_prompts=2)
+    rm = reward_model("uniform")
+    losses = {}
+    for alpha in (1.0, 0.3, 0.0):
+        trainer = PRMTrainer(model=rm, args=rm_args(tmp_path, alpha=alpha, user_model="uniform"), train_dataset=records)
+        batch = trainer.data_collator(trainer.train_dataset)
+        with torch.no_grad():
+            losses[alpha] = trainer.pair_loss(rm, batch)[0].item()
+            monkeypatch.setattr(type(rm.plm.user_model), "depends_on_user", True, raising=False)
+            both = trainer.pair_loss(rm, batch)[0].item()  # both terms really run and mixed by alpha
+            monkeypatch.undo()
+        assert both == pytest.approx(losses[alpha], abs=1e-6)
+    assert losses[0.3] == pytest.approx(losses[1.0], abs=1e-6) and losses[0.0] == pytest.approx(losses[1.0], abs=1e-6)
+
+
+def test_alpha_sampling_scores_each_pair_under_the_drawn_term(tmp_path, monkeypatch):
+    import prlhf.reward as reward_module
+
+    records = two_user_records(n_prompts=2)  # 4 pairs of two users
+    rm = reward_model("individual", user_offset_init="vocab")
+    trainer = PRMTrainer(model=rm, args=rm_args(tmp_path, alpha=0.3), train_dataset=records)
+    batch = trainer.data_collator(trainer.train_dataset)
+    B = batch["user_rows"].shape[0]
+    with torch.no_grad():
+        user = rm.batch_rewards(batch, batch["user_rows"])
+        generic = rm.batch_rewards(batch, torch.zeros_like(batch["user_rows"]))
+        user_terms = bradley_terry_loss(user[:B], user[B:])
+        generic_terms = bradley_terry_loss(generic[:B], generic[B:])
+        rm.train()
+        full, _ = trainer.pair_loss(rm, batch)
+        assert torch.allclose(full, (0.3 * user_terms + 0.7 * generic_terms).mean(), atol=1e-6)
+        trainer.args.alpha_sampling = True
+        draws = torch.tensor([0.1, 0.9, 0.5, 0.2])  # < alpha: the user term for pairs 0 and 3
+        monkeypatch.setattr(reward_module.torch, "rand", lambda n, device=None: draws[:n])
+        sampled, metrics = trainer.pair_loss(rm, batch)
+    pick = torch.tensor([True, False, False, True])
+    assert torch.allclose(sampled, torch.where(pick, user_terms, generic_terms).mean(), atol=1e-6)
+    assert len(metrics["_hits"][0]) == 2
+
+
+def test_prm_learns_opposite_users_and_vanilla_rm_cannot(tmp_path):
+    records = two_user_records(n_prompts=24)
+    acc = {}
+    for kind in ("individual", "uniform"):
+        a = rm_args(tmp_path / kind, num_train_epochs=3, per_device_train_batch_size=8, user_model=kind, n_user_tokens=4,
+                    user_learning_rate=1e-2, train_sampling_strategy="random", logging_steps=100)
+        trainer = PRMTrainer(args=a, train_dataset=records)
+        trainer.train()
+        acc[kind] = evaluate_reward_accuracy(trainer.model, records)["accuracy"]
+    assert acc["individual"]["per_user"]["long_fan"] >= 0.9 and acc["individual"]["per_user"]["short_fan"] >= 0.9
+    assert min(acc["uniform"]["per_user"].values()) <= 0.6  # one reward for everybody: the users' labels conflict
+    assert acc["uniform"]["generic"] == acc["uniform"]["seen"]
+
+
+def test_metrics_shape_matches_prlhf_eval(tmp_path):
+    records = two_user_records(n_prompts=3)
+    unseen = [dict(r, user_id="stranger") for r in two_user_records(n_prompts=2, seed=5)]
+    m = evaluate_reward_accuracy(reward_model("individual", user_offset_init="vocab"), records + unseen)
+    assert m["n_pairs"] == len(records) + len(unseen)
+    assert set(m["accuracy"]) >= {"overall", "seen", "generic", "unseen", "per_user", "ci", "per_user_mean"}
+    assert set(m["accuracy"]["per_user"]) == {"long_fan", "short_fan", "stranger"}
+    assert m["n"] == {"seen": len(records), "unseen": len(unseen)}
+    # the margins are the rewards' differences, as score() gives them
+    rm = reward_model("individual", user_offset_init="vocab")
+    r = records[0]
+    rc, rr = rm.score([r["prompt"]] * 2, [r["chosen"], r["rejected"]], [r["user_id"]] * 2)
+    assert m["pairs"][0]["margin"] == pytest.approx(rc - rr, abs=1e-5)
+
+
+def test_save_load_and_resume(tmp_path):
+    records = two_user_records(n_prompts=4)
+    full = PRMTrainer(args=rm_args(tmp_path / "full", max_steps=4, user_model="cluster", n_clusters=2), train_dataset=records)
+    full.train()
+    cut = PRMTrainer(args=rm_args(tmp_path / "cut", max_steps=4, user_model="cluster", n_clusters=2, save_strategy="steps",
+                                  save_steps=2), train_dataset=records)
+    cut.train()
+    out = tmp_path / "cut" / "rm"
+    (out / "checkpoint-4" / "trainer_state.json").unlink()  # cut off while being written
+    assert latest_checkpoint(out).endswith("checkpoint-2")
+    assert (out / "checkpoint-2" / "reward_head.safetensors").is_file()
+    resumed = PRMTrainer(args=rm_args(tmp_path / "cut", max_steps=4, user_model="cluster", n_clusters=2), train_dataset=records)
+    resumed.train(resume_from_checkpoint=True)
+    for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    full.save_model()
+    folder = tmp_path / "full" / "rm"
+    assert "reward_head.safetensors" in json.loads((folder / "manifest.json").read_text())["files"]
+    assert "p-rm" in (folder / "README.md").read_text()
+    loaded = PersonalizedRewardModel.from_pretrained(folder)
+    prompts, responses, users = [r["prompt"] for r in records], [r["chosen"] for r in records], [r["user_id"] for r in records]
+    assert loaded.score(prompts, responses, users) == pytest.approx(full.model.score(prompts, responses, users), abs=1e-5)
+
+
+def test_a_policy_folder_is_not_a_reward_model(tmp_path):
+    build_model("individual").save_pretrained(tmp_path / "policy")
+    with pytest.raises(FileNotFoundError, match="not a reward model"):
+        PersonalizedRewardModel.from_pretrained(tmp_path / "policy")
