@@ -198,3 +198,60 @@ def test_a_policy_folder_is_not_a_reward_model(tmp_path):
     build_model("individual").save_pretrained(tmp_path / "policy")
     with pytest.raises(FileNotFoundError, match="not a reward model"):
         PersonalizedRewardModel.from_pretrained(tmp_path / "policy")
+
+
+def test_cli_rm_train_eval_score(tmp_path, capsys):
+    import yaml
+
+    from prlhf.cli import main
+    from test_cli import write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", two_user_records(n_prompts=16))
+    test = write_jsonl(tmp_path / "test.jsonl", two_user_records(n_prompts=4, seed=1) + [
+        dict(r, user_id="newcomer") for r in two_user_records(n_prompts=2, seed=2, users=("long_x",))])
+    out = tmp_path / "prm"
+    cfg = tmp_path / "rm.yaml"
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": "tiny-llama", "train_file": str(train), "output_dir": str(out),
+                                   "user_model": "individual", "n_user_tokens": 4, "learning_rate": 1e-3, "beta": 0.1,
+                                   "user_learning_rate": 1e-2, "per_device_train_batch_size": 8, "num_train_epochs": 1,
+                                   "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "use_cpu": True}))
+    assert main(["rm", "train", "--config", str(cfg), "--num_train_epochs", "3"]) == 0
+    assert json.loads((out / "training_args.json").read_text())["num_train_epochs"] == 3  # the flag won
+    # a policy next to the reward model: scored by its implicit reward, in the same table
+    policy = tmp_path / "policy"
+    build_model("individual", users=("long_fan", "short_fan")).save_pretrained(policy)
+    metrics = tmp_path / "metrics.json"
+    assert main(["rm", "eval", "--model", str(out), "--model", str(policy), "--data", str(test), "--output", str(metrics),
+                 "--report", str(tmp_path / "rep"), "--reference", "tiny-llama"]) == 0
+    m = json.loads(metrics.read_text())["models"]
+    assert m["prm"]["scored_as"] == "reward model" and m["policy"]["scored_as"] == "policy (implicit reward)"
+    acc = m["prm"]["accuracy"]
+    assert m["prm"]["n_pairs"] == 10 and m["prm"]["n"] == {"seen": 8, "unseen": 2}
+    assert set(acc["per_user"]) == {"long_fan", "short_fan", "newcomer"} and acc["seen"] >= 0.9
+    assert m["policy"]["accuracy_difference"]["vs"] == "prm"
+    assert (tmp_path / "rep" / "report.md").is_file()
+    assert main(["rm", "eval", "--model", str(out), "--data", str(test), "--output", str(metrics)]) == 0
+    assert set(json.loads(metrics.read_text())) >= {"n_pairs", "accuracy"}  # one model: prlhf eval's shape
+
+    long, short = " " + " ".join(["the", "big", "dog", "runs", "fast"] * 3), " big sun"
+    table = [(long, "long_fan"), (short, "long_fan"), (long, "short_fan"), (short, "short_fan"), (long, "stranger")]
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Q: the dog\nA:", "response": r, "user_id": u, "extra": i}
+                                                 for i, (r, u) in enumerate(table)])
+    scored = tmp_path / "scored.jsonl"
+    assert main(["rm", "score", "--model", str(out), "--input", str(rows), "--output", str(scored)]) == 0
+    got = [json.loads(line) for line in scored.read_text().splitlines()]
+    rm = PersonalizedRewardModel.from_pretrained(out)
+    expected = rm.score(["Q: the dog\nA:"] * 5, [r for r, _ in table], [u if u != "stranger" else None for _, u in table])
+    assert [g["reward"] for g in got] == pytest.approx(expected, abs=1e-5)
+    assert [g["extra"] for g in got] == [0, 1, 2, 3, 4]
+    # each user's reward ranks the answers its own way (rewards compare within a user, not across users)
+    assert got[0]["reward"] > got[1]["reward"] and got[3]["reward"] > got[2]["reward"]
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q", "response": "A"}, {"prompt": "Q"}])
+    capsys.readouterr()
+    assert main(["rm", "score", "--model", str(out), "--input", str(bad), "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "bad.jsonl: record 1 (line 2): field 'response'" in capsys.readouterr().err
+    assert main(["rm", "eval", "--model", str(policy), "--data", str(test), "--reference", "tiny-llama"]) == 0
+    capsys.readouterr()
+    assert main(["rm", "score", "--model", str(policy), "--input", str(rows), "--output", str(tmp_path / "y.jsonl")]) == 2
+    assert "not a reward model" in capsys.readouterr().err

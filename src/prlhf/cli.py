@@ -5,13 +5,16 @@
     prlhf sft   --config recipe.yaml [--field value ...]   SFT: prompt -> chosen, builds pi_SFT
     prlhf eval  --model DIR --data FILE --output metrics.json
     prlhf generate --model DIR --user ID --prompt TEXT
-    prlhf generate --model DIR --input prompts.jsonl --output out.jsonl
+    prlhf generate --model DIR --input prompts.jsonl --output out.jsonl [--best-of N --reward-model RM_DIR]
     prlhf data convert {tldr,psoups,prism,dsp} --input PATH --output DIR [options]
     prlhf data synth --output DIR [options]
     prlhf data inspect FILE [--json]
     prlhf adapt --model DIR --data NEW_USERS.jsonl --output DIR2 [--steps N] [--reset]
     prlhf adapt --model DIR --suggest N --candidates PAIRS.jsonl [--output FILE]
     prlhf users list|export|remove --model DIR [--user ID]
+    prlhf rm train --config recipe.yaml [--field value ...]   a personalized reward model (P-RM)
+    prlhf rm eval  --model DIR [--model DIR2 ...] --data FILE --output metrics.json
+    prlhf rm score --model DIR --input rows.jsonl --output scored.jsonl
     prlhf serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]   OpenAI-compatible server
     prlhf judge --generations FILE --a METHOD --b METHOD --base-url URL --model NAME --output judge.json
 
@@ -584,6 +587,132 @@ def cmd_users(argv: list[str]) -> int:
     return 0
 
 
+def cmd_rm(argv: list[str]) -> int:
+    """``prlhf rm train|eval|score``: the personalized reward model."""
+    actions = {"train": _rm_train, "eval": _rm_eval, "score": _rm_score}
+    if not argv or argv[0] not in actions:
+        raise ConfigError("usage: prlhf rm train --config FILE | rm eval --model DIR --data FILE --output metrics.json | "
+                          "rm score --model DIR --input FILE --output FILE")
+    return actions[argv[0]](argv[1:])
+
+
+def _rm_train(argv: list[str]) -> int:
+    from .reward import PRMConfig, PRMTrainer
+
+    cfg = parse_config(PRMConfig, argv)
+    trainer = PRMTrainer(args=cfg)
+    trainer.train(resume_from_checkpoint=_resume_arg(cfg))
+    trainer.save_model()
+    if trainer.args.should_save:
+        print(f"saved the personalized reward model to {cfg.output_dir}")
+    return 0
+
+
+def _is_reward_folder(path: str) -> bool:
+    from .reward import HEAD_NAME
+
+    return (Path(path) / HEAD_NAME).is_file()
+
+
+def _rm_eval(argv: list[str]) -> int:
+    from .config import RMEvalConfig
+    from .data import load_preference_data
+    from .evaluation import evaluate_accuracy, load_user_groups, paired_difference
+    from .modeling import PersonalizedLM
+    from .reference import load_reference
+    from .report import comparison_table, method_summary, write_report
+    from .reward import PersonalizedRewardModel, evaluate_reward_accuracy
+    from .storage import atomic_write_text, check_output_path
+
+    a = parse_config(RMEvalConfig, _merge_repeated(argv, "--model"))
+    for path, what in ((a.output, "--output"), (a.report, "--report")):
+        if path:
+            check_output_path(path, what)
+    records = [r for path in a.data for r in load_preference_data(path)]
+    groups = load_user_groups(a.users)
+    load = a.load_kwargs()
+    all_metrics, methods, per_user, baseline = {}, {}, {}, None
+    for path in a.model:
+        name = Path(path).name if Path(path).name not in all_metrics else path
+        if _is_reward_folder(path):
+            rm = PersonalizedRewardModel.from_pretrained(path, **load)
+            metrics = evaluate_reward_accuracy(rm, records, a.batch_size, a.max_length, a.max_prompt_length)
+            kind = "reward model"
+        else:  # a policy: its implicit reward against its reference
+            rm = PersonalizedLM.from_pretrained(path, **load)
+            reference = load_reference(rm, a.reference, dtype=load["dtype"], attn_implementation=load["attn_implementation"])
+            metrics = evaluate_accuracy(rm, records, reference, a.batch_size, a.max_length, a.max_prompt_length)
+            kind = "policy (implicit reward)"
+        pairs = metrics.pop("pairs")
+        metrics["scored_as"] = kind
+        if a.per_pair:
+            metrics["pairs"] = pairs
+        methods[name] = method_summary(metrics, pairs, None, groups)
+        if baseline is None:
+            baseline = (name, pairs)
+        else:
+            methods[name]["accuracy_difference"] = {"vs": baseline[0], **{
+                group: paired_difference(pairs, baseline[1], group) for group in ("seen", "unseen")}}
+        for key in ("flip_rate", "flip_rate_ci", "flip_rate_by_group", "accuracy_difference"):
+            if key in methods[name]:
+                metrics[key] = methods[name][key]
+        per_user[name] = metrics["accuracy"]["per_user"]
+        all_metrics[name] = metrics
+        print(f"{name} ({kind}): pairs {metrics['n_pairs']} (seen {metrics['n']['seen']}, unseen {metrics['n']['unseen']})")
+        del rm
+    print("\n" + comparison_table(methods))
+    users = sorted({u for v in per_user.values() for u in v})
+    print("\n| user | " + " | ".join(per_user) + " |\n|---|" + "---|" * len(per_user))
+    for uid in users:
+        print(f"| {uid} | " + " | ".join(_fmt(v.get(uid)) for v in per_user.values()) + " |")
+    if a.output:
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+        out = next(iter(all_metrics.values())) if len(a.model) == 1 else {"models": all_metrics}
+        atomic_write_text(a.output, json.dumps(out, indent=1))
+        print(f"\nwrote {a.output}")
+    if a.report:
+        first = next(iter(methods.values()))
+        write_report(a.report, {"methods": methods, "metrics": all_metrics, "data": a.data, "n_pairs": first["n_pairs"]},
+                     None, per_user, groups, title="prlhf rm eval",
+                     preamble=f"Data: {', '.join(a.data)}. Reward accuracy: r(chosen) > r(rejected) on held-out pairs "
+                              "(policies: their implicit reward), 95% bootstrap CIs.")
+        print(f"wrote {a.report}/report.md")
+    return 0
+
+
+def _rm_score(argv: list[str]) -> int:
+    from .config import RMScoreConfig
+    from .data import read_records
+    from .reward import PersonalizedRewardModel
+    from .storage import atomic_write_text, check_output_path
+
+    a = parse_config(RMScoreConfig, argv)
+    check_output_path(a.output, "--output")
+    rows = read_records(a.input)
+    for i, row in enumerate(rows):
+        where = f"{a.input}: record {i}" + (f" (line {row['_line']})" if "_line" in row else "")
+        if not isinstance(row.get("prompt"), (str, list)):
+            raise ConfigError(f"{where}: field 'prompt' is missing or not text / chat messages")
+        if not isinstance(row.get("response"), str):
+            raise ConfigError(f"{where}: field 'response' is missing or not text")
+        for key in ("user_id", "user_text"):
+            if row.get(key) is not None and not isinstance(row[key], (str, int)):
+                raise ConfigError(f"{where}: field {key!r} must be text, got {type(row[key]).__name__}")
+        row.pop("_line", None)
+    rm = PersonalizedRewardModel.from_pretrained(a.model, **a.load_kwargs())
+    start = time.perf_counter()
+    rewards = rm.score([r["prompt"] for r in rows], [r["response"] for r in rows],
+                       [None if r.get("user_id") is None else str(r["user_id"]) for r in rows],
+                       [r.get("user_text") for r in rows], a.batch_size, a.max_length, a.max_prompt_length, a.input)
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.output, "".join(json.dumps({**r, "reward": v}, ensure_ascii=False) + "\n"
+                                        for r, v in zip(rows, rewards)))
+    unknown = sum(1 for r in rows if r.get("user_id") is not None and str(r["user_id"]) not in rm.registry)
+    print(f"scored {len(rows)} rows in {time.perf_counter() - start:.1f} s ({unknown} of unknown users, scored as the "
+          f"generic user); wrote {a.output}")
+    return 0
+
+
 def cmd_serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="prlhf serve", description="An OpenAI-compatible server (chat and text "
                                 "completions, streaming) for a personalized model: the request's 'user' selects "
@@ -670,7 +799,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data,
-            "adapt": cmd_adapt, "users": cmd_users, "serve": cmd_serve, "judge": cmd_judge}
+            "adapt": cmd_adapt, "users": cmd_users, "rm": cmd_rm, "serve": cmd_serve, "judge": cmd_judge}
 
 
 def main(argv: list[str] | None = None) -> int:

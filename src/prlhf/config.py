@@ -276,3 +276,55 @@ class GenerateConfig(LoadingOptions):
             raise ValueError("--model is required (a folder written by `prlhf train`)")
         if (self.prompt is None) == (self.input is None):
             raise ValueError("give either --prompt or --input")
+
+
+@_hyphen_aliases
+@dataclass
+class RMEvalConfig(LoadingOptions):
+    """``prlhf rm eval``: reward accuracy of saved reward models (``prlhf rm train``) on held-out
+    pairs, in the ``metrics.json`` shape of ``prlhf eval``; a policy folder among ``--model`` is
+    scored by its implicit reward, so P-RM and P-DPO accuracies sit side by side."""
+
+    model: list[str] = _flag(None, "reward model folder(s) written by `prlhf rm train`, or policy folders written by "
+                             "`prlhf train` (implicit reward); the first is the baseline of the paired differences")
+    data: list[str] = _flag(None, "preference pairs (JSONL) to score, e.g. test.jsonl unseen.jsonl")
+    output: str | None = _flag(None, "metrics.json to write")
+    report: str | None = _flag(None, "folder for report.md, report.json and the per-user plot")
+    users: str | None = _flag(None, "users.json of the data (user groups for the flip rate and the plot)")
+    reference: str | None = _flag(None, "pi_SFT of policy folders (default: the one recorded at training time)")
+    batch_size: int = _flag(16, "pairs per batch")
+    max_length: int = _flag(1024, "maximum prompt + response tokens per sequence")
+    max_prompt_length: int = _flag(512, "maximum prompt tokens")
+    per_pair: bool = _flag(False, "also write each pair's margin into metrics.json")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("--model is required (a folder written by `prlhf rm train`)")
+        if not self.data:
+            raise ValueError("--data is required (preference pairs to score)")
+        for name in ("batch_size", "max_length", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+@_hyphen_aliases
+@dataclass
+class RMScoreConfig(LoadingOptions):
+    """``prlhf rm score``: the reward of each (prompt, response, user) row of a JSONL file."""
+
+    model: str | None = _flag(None, "reward model folder written by `prlhf rm train`")
+    input: str | None = _flag(None, "JSONL rows with 'prompt', 'response' and optional 'user_id', 'user_text'")
+    output: str | None = _flag(None, "JSONL to write: the input rows, each with 'reward' added")
+    batch_size: int = _flag(16, "rows per batch")
+    max_length: int = _flag(1024, "maximum prompt + response tokens per row")
+    max_prompt_length: int = _flag(512, "maximum prompt tokens")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("model", "input", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        for name in ("batch_size", "max_length", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
