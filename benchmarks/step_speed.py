@@ -12,6 +12,10 @@ Systems (``--systems``; the first four are the default):
 * ``pdpo_alpha_0.5`` / ``pdpo_alpha_1``: prlhf P-DPO, individual user model, T_u = 10, defaults
   (one forward per step, shared-prompt packing, LM head at response positions, reference
   log-probs precomputed before training);
+* ``pdpo_alpha_0.5_before_response``: the same with the user tokens between the prompt and the
+  response: one packed row holds the prompt once and both terms' user tokens and responses;
+* ``pdpo_no_user``: prlhf with ``user_model none`` (vanilla DPO, no user tokens, one term): the
+  implementation against TRL's with the method taken out;
 * ``official_scheme``: prlhf configured like the authors' code (user and generic rows duplicated,
   reference forward every step, no packing, logits at every position), alpha = 0.5;
 * one optimization off at a time, alpha = 0.5: ``pdpo_no_packing``, ``pdpo_full_logits``,
@@ -49,13 +53,16 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_SYSTEMS = ["trl_dpo", "trl_dpo_precompute", "pdpo_alpha_0.5", "pdpo_alpha_1", "official_scheme"]
+DEFAULT_SYSTEMS = ["trl_dpo", "trl_dpo_precompute", "pdpo_no_user", "pdpo_alpha_0.5", "pdpo_alpha_0.5_before_response",
+                   "pdpo_alpha_1", "official_scheme"]
 OFFICIAL = dict(packing=False, precompute_ref_log_probs=False, response_logits_only=False)
 SYSTEMS = {
     "trl_dpo": None,
     "trl_dpo_precompute": None,
+    "pdpo_no_user": dict(alpha=0.5, user_model="none"),
     "pdpo_alpha_0.5": dict(alpha=0.5),
     "pdpo_alpha_1": dict(alpha=1.0),
+    "pdpo_alpha_0.5_before_response": dict(alpha=0.5, user_position="before_response"),
     "official_scheme": dict(alpha=0.5, **OFFICIAL),
     "pdpo_no_packing": dict(alpha=0.5, packing=False),
     "pdpo_full_logits": dict(alpha=0.5, response_logits_only=False),
@@ -144,8 +151,10 @@ def _build(name: str, model_name: str, records: list[dict], batch_size: int, max
     """(trainer, batches(indices) -> batch, reference seconds per comparison)."""
     from prlhf.models import load_model_and_tokenizer
 
+    # gradient checkpointing pinned off in every system (a recomputation trade, not a method difference)
     common = dict(per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, learning_rate=1e-6,
-                  report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, max_length=max_length)
+                  report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, max_length=max_length,
+                  gradient_checkpointing=False)
     if name in ("trl_dpo", "trl_dpo_precompute"):
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
@@ -177,9 +186,9 @@ def _build(name: str, model_name: str, records: list[dict], batch_size: int, max
     from prlhf.config import PDPOConfig
     from prlhf.trainer import PDPOTrainer
 
-    args = PDPOConfig(output_dir=os.path.join(workdir, name), model_name_or_path=model_name, user_model="individual",
-                      n_user_tokens=10, beta=0.1, max_prompt_length=None, reference_cache_dir="none",
-                      **common, **SYSTEMS[name])
+    args = PDPOConfig(output_dir=os.path.join(workdir, name), model_name_or_path=model_name, beta=0.1,
+                      max_prompt_length=None, reference_cache_dir="none",
+                      **common, **{"user_model": "individual", "n_user_tokens": 10, **SYSTEMS[name]})
     trainer = PDPOTrainer(args=args, train_dataset=records)  # the reference pass runs here (no cache: timed)
     examples = trainer.train_dataset
     assert len(examples) == len(records), "truncation dropped pairs: raise --max-length"
@@ -350,6 +359,13 @@ def main(argv=None) -> dict:
     if "official_scheme" in spc and "pdpo_alpha_0.5" in spc:
         ratios["official_scheme/pdpo_alpha_0.5"] = spc["official_scheme"] / spc["pdpo_alpha_0.5"]
     result["ratios"] = ratios
+    # the headline: every prlhf system against TRL at its best (the faster TRL configuration measured)
+    trl = [b for b in ("trl_dpo", "trl_dpo_precompute") if b in spc]
+    if trl:
+        best = min(trl, key=lambda b: spc[b])
+        result["trl_best"] = best
+        result["vs_trl_best"] = {n: {"time": spc[n] / spc[best], "memory": peak[n] / peak[best]}
+                                 for n in spc if not n.startswith("trl_dpo")}
 
     if a.generation:
         result["generation"] = generation_speed(a.model, records, a.generation_prompts, a.generation_tokens)
@@ -363,6 +379,8 @@ def main(argv=None) -> dict:
     print("\n" + "\n".join(lines))
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
+    for n, v in result.get("vs_trl_best", {}).items():
+        print(f"{n} vs TRL at its best ({result['trl_best']}): time {v['time']:.2f}x, memory {v['memory']:.2f}x")
     if a.generation:
         g = result["generation"]
         print(f"generation ({g['prompts']} prompts, {g['users']} users, {g['new_tokens_each']} new tokens each): batched "

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 
-from prlhf.data import PreferenceCollator, TokenizeSettings, load_preference_data, tokenize_dataset
+from prlhf.data import TokenizeSettings, load_preference_data, tokenize_dataset
 from prlhf.modeling import PersonalizationConfig, PersonalizedLM
 from prlhf.models import tiny_llama
 from prlhf.users import UserRegistry
@@ -53,8 +53,7 @@ def collate(model, records, side="right", **settings):
     settings = TokenizeSettings(n_user_tokens=model.n_implicit_tokens,
                                 max_user_text_tokens=model.prlhf_config.max_user_text_tokens, **settings)
     examples = tokenize_dataset(load_preference_data(records), model.tokenizer, settings, model.registry)
-    tok = model.tokenizer
-    return PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, side)(examples)
+    return model.collator(side)(examples)
 
 
 def plain_logps(model, batch, user_rows):

@@ -17,7 +17,8 @@ def test_step_speed_writes_the_json_contract(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    systems = {"trl_dpo", "trl_dpo_precompute", "pdpo_alpha_0.5", "pdpo_alpha_1", "official_scheme"}
+    systems = {"trl_dpo", "trl_dpo_precompute", "pdpo_no_user", "pdpo_alpha_0.5", "pdpo_alpha_0.5_before_response",
+               "pdpo_alpha_1", "official_scheme"}
     assert set(result["seconds_per_comparison"]) == systems and set(result["peak_rss_mb"]) == systems
     assert all(isinstance(v, float) and v > 0 for v in result["seconds_per_comparison"].values())
     assert all(isinstance(v, float) and v > 0 for v in result["peak_rss_mb"].values())
@@ -25,7 +26,7 @@ def test_step_speed_writes_the_json_contract(tmp_path):
     assert set(result["tokens"]) == {"prompt", "response"} and result["tokens"]["prompt"] > 0
     assert result["generation"]["batched_tokens_per_second"] > 0
     # the reference pass is timed for the systems that precompute it, and only for them
-    assert set(result["reference_seconds_per_comparison"]) == {"trl_dpo_precompute", "pdpo_alpha_0.5", "pdpo_alpha_1"}
+    assert set(result["reference_seconds_per_comparison"]) == systems - {"trl_dpo", "official_scheme"}
     assert all(v > 0 for v in result["reference_seconds_per_comparison"].values())
     # the official scheme and prlhf's fast path compute the same loss on the same batch
     assert abs(result["losses"]["official_scheme"][0] - result["losses"]["pdpo_alpha_0.5"][0]) < 1e-4
@@ -33,6 +34,9 @@ def test_step_speed_writes_the_json_contract(tmp_path):
     # TRL with precomputed reference log-probs computes TRL's loss on the same batch
     assert abs(result["losses"]["trl_dpo_precompute"][0] - result["losses"]["trl_dpo"][0]) < 1e-4
     assert "pdpo_alpha_0.5/trl_dpo_precompute" in result["ratios"]
+    # the headline: every prlhf system against TRL at its best
+    assert result["trl_best"] in ("trl_dpo", "trl_dpo_precompute")
+    assert set(result["vs_trl_best"]) == systems - {"trl_dpo", "trl_dpo_precompute"}
 
 
 def test_adapt_speed_writes_the_json_contract(tmp_path):

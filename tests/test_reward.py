@@ -141,12 +141,13 @@ def test_alpha_sampling_scores_each_pair_under_the_drawn_term(tmp_path, monkeypa
     assert len(metrics["_hits"][0]) == 2
 
 
-def test_prm_learns_opposite_users_and_vanilla_rm_cannot(tmp_path):
+@pytest.mark.parametrize("position", ["prefix", "after_response"])
+def test_prm_learns_opposite_users_and_vanilla_rm_cannot(tmp_path, position):
     records = two_user_records(n_prompts=24)
     acc = {}
     for kind in ("individual", "uniform"):
         a = rm_args(tmp_path / kind, num_train_epochs=3, per_device_train_batch_size=8, user_model=kind, n_user_tokens=4,
-                    user_learning_rate=1e-2, train_sampling_strategy="random", logging_steps=100)
+                    user_learning_rate=1e-2, train_sampling_strategy="random", logging_steps=100, user_position=position)
         trainer = PRMTrainer(args=a, train_dataset=records)
         trainer.train()
         acc[kind] = evaluate_reward_accuracy(trainer.model, records)["accuracy"]
@@ -255,3 +256,117 @@ def test_cli_rm_train_eval_score(tmp_path, capsys):
     capsys.readouterr()
     assert main(["rm", "score", "--model", str(policy), "--input", str(rows), "--output", str(tmp_path / "y.jsonl")]) == 2
     assert "not a reward model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_prm(tmp_path_factory):
+    """A P-RM that has learned two opposite users (long answers vs short ones), saved."""
+    tmp = tmp_path_factory.mktemp("prm")
+    a = rm_args(tmp, num_train_epochs=3, per_device_train_batch_size=8, n_user_tokens=4, user_learning_rate=1e-2,
+                train_sampling_strategy="random", logging_steps=100)
+    trainer = PRMTrainer(args=a, train_dataset=two_user_records(n_prompts=24))
+    trainer.train()
+    trainer.save_model()
+    return tmp / "rm"
+
+
+def test_best_of_n_picks_the_users_highest_reward(trained_prm):
+    from prlhf.reward import best_of_n, rerank
+
+    rm = PersonalizedRewardModel.from_pretrained(trained_prm)
+    policy = PersonalizedLM.from_pretrained_or_plain("tiny-llama")  # any causal LM
+    assert policy.user_model is None
+    prompts = [r["prompt"] for r in two_user_records(n_prompts=4, seed=3)[::2]]
+    torch.manual_seed(0)
+    rows = best_of_n(policy, rm, prompts, ["long_fan"] * len(prompts), n=5, batch_size=3, max_new_tokens=12)
+    texts = [c["response"] for row in rows for c in row["candidates"]]
+    assert len(texts) == 5 * len(prompts) and len(set(texts)) > len(prompts)  # sampled, not greedy
+    expected = rm.score([p for p in prompts for _ in range(5)], texts, ["long_fan"] * len(texts))
+    assert [c["reward"] for row in rows for c in row["candidates"]] == pytest.approx(expected, abs=1e-5)
+    for row in rows:
+        assert row["reward"] == max(c["reward"] for c in row["candidates"])
+        assert row["response"] == max(row["candidates"], key=lambda c: c["reward"])["response"]
+    # the same candidates, two users: each gets the length it prefers
+    short, mid, long = " big sun", " the dog runs fast", " " + " ".join(["the", "big", "dog", "runs", "fast"] * 3)
+    picks = {u: rerank(rm, prompts, [u] * len(prompts), [[mid, long, short]] * len(prompts))
+             for u in ("long_fan", "short_fan")}
+    assert [p["response"] for p in picks["long_fan"]] == [long] * len(prompts)
+    assert [p["response"] for p in picks["short_fan"]] == [short] * len(prompts)
+
+
+def test_cli_generate_best_of(trained_prm, tmp_path):
+    from prlhf.cli import main
+    from test_cli import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q: the dog\nA:", "user_id": "long_fan"},
+                                                 {"prompt": "Q: the sun\nA:", "user_id": "short_fan", "k": 1}])
+    out = tmp_path / "best.jsonl"
+    assert main(["generate", "--model", "tiny-llama", "--input", str(prompts), "--output", str(out), "--best-of", "3",
+                 "--reward-model", str(trained_prm), "--max-new-tokens", "8"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["user_id"] for r in rows] == ["long_fan", "short_fan"] and rows[1]["k"] == 1
+    for r in rows:
+        assert len(r["candidates"]) == 3 and r["reward"] == max(c["reward"] for c in r["candidates"])
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "Q", "--best-of", "3"]) == 2  # no --reward-model
+
+
+def test_trl_grpo_with_the_personalized_reward_function(trained_prm, tmp_path):
+    """A few GRPO steps of TRL on tiny-llama with the P-RM as its reward function: TRL passes the
+    user_id column, the rewards are each completion's reward for its user, and the per-user means
+    reach TRL's logs."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from prlhf.reward import PersonalizedRewardFunction
+
+    rm = PersonalizedRewardModel.from_pretrained(trained_prm)
+    reward = PersonalizedRewardFunction(rm)
+    calls = []
+
+    def recorded(prompts, completions, **kwargs):
+        out = reward(prompts, completions, **kwargs)
+        calls.append((list(prompts), list(completions), list(kwargs["user_id"]), out))
+        return out
+
+    recorded.__name__ = "prm"
+    records = two_user_records(n_prompts=4, seed=7)
+    ds = Dataset.from_list([{"prompt": r["prompt"], "user_id": r["user_id"]} for r in records])
+    llm, tok = tiny_llama()
+    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=8, max_steps=2, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+                      save_strategy="no", disable_tqdm=True, learning_rate=1e-4)
+    trainer = GRPOTrainer(model=llm, reward_funcs=[recorded], args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    assert calls
+    for prompts, completions, users, out in calls:
+        assert len(out) == len(prompts) == len(users)
+        assert out == pytest.approx(rm.score(prompts, completions, users), abs=1e-4)
+    logs = [h for h in trainer.state.log_history if "rewards/prm/mean" in h]
+    assert logs
+    first = calls[0]
+    for u in set(first[2]):
+        mine = [r for r, uu in zip(first[3], first[2]) if uu == u]
+        assert logs[0][f"prm/user/{u}"] == pytest.approx(sum(mine) / len(mine), abs=1e-4)
+
+
+def test_after_response_layout_puts_the_user_last_and_cannot_generate(tmp_path):
+    from prlhf.data import build_sequence
+
+    ids, labels, implicit, user = build_sequence([1, 10, 11], [20, 21], [30], 2, 1, 0, "after_response")
+    assert ids == [1, 10, 11, 20, 21, 0, 0, 30] and labels == [-100] * 3 + [20, 21] + [-100] * 3
+    assert implicit == [False] * 5 + [True, True, False] and user == [False] * 5 + [True] * 3
+    rm = reward_model("individual", user_offset_init="vocab", user_position="after_response")
+    rm.eval()
+    records = two_user_records(n_prompts=3)
+    right, left = collate(rm.plm, records, side="right"), collate(rm.plm, records, side="left")
+    with torch.no_grad():
+        r1, r2 = rm.batch_rewards(right, right["user_rows"]), rm.batch_rewards(left, left["user_rows"])
+        other = rm.batch_rewards(right, 3 - right["user_rows"])  # the other user
+    assert torch.allclose(r1, r2, atol=1e-5) and not torch.allclose(r1, other, atol=1e-3)
+    with pytest.raises(ValueError, match="cannot generate"):
+        rm.plm.prepare_prompts(["Q"], ["long_fan"])
+    with pytest.raises(ValueError, match="user_position"):
+        from prlhf.config import PDPOConfig
+
+        PDPOConfig(output_dir=str(tmp_path / "x"), user_position="after_response")  # a policy cannot read it

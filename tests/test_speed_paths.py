@@ -266,3 +266,34 @@ def test_training_with_gradient_checkpointing_runs(tmp_path, lora):
     assert model.is_gradient_checkpointing
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_lazy_reference_trains_as_the_precomputed_one_and_scores_only_visited_pairs(tmp_path):
+    """LoRA: the reference is the base with adapters disabled, always at hand; lazy_reference
+    computes a pair's reference log-probs at its first visit, so a short run scores only its pairs."""
+    records = two_user_records(n_prompts=16)  # 32 pairs
+    runs = {}
+    for lazy in (False, True):
+        llm, tok = tiny_llama()
+        args = PDPOConfig(output_dir=str(tmp_path / str(lazy)), report_to="none", use_cpu=True, disable_tqdm=True,
+                          use_lora=True, lora_r=4, learning_rate=1e-3, per_device_train_batch_size=4, max_steps=3,
+                          save_strategy="no", train_sampling_strategy="sequential", lazy_reference=lazy,
+                          reference_cache_dir="none", n_user_tokens=2)
+        cfg = PersonalizationConfig("tiny-llama", user_model="individual", n_user_tokens=2, use_lora=True)
+        torch.manual_seed(0)  # the same LoRA initialisation in both runs
+        model = PersonalizedLM.build(cfg, UserRegistry.from_records(records), llm=llm, tokenizer=tok,
+                                     lora_kwargs=args.lora_kwargs())
+        trainer = PDPOTrainer(model=model, args=args, train_dataset=records)
+        if lazy:
+            assert "ref_logps" not in trainer.train_dataset[0] and trainer.reference_seconds == 0
+        trainer.train()
+        runs[lazy] = trainer
+    assert len(runs[True]._lazy_reference) == 12  # 3 steps of 4 pairs: the visited pairs only
+    assert runs[True].reference_seconds > 0
+    # the same reference numbers up to float summation order (the precomputed pass has no user tokens in
+    # its rows, the lazy one hides them), which Adam's first steps amplify to ~1e-5 at most
+    worst = max((p - q).abs().max().item() for (_, p), (_, q) in zip(runs[False].model.named_parameters(),
+                                                                   runs[True].model.named_parameters()))
+    assert worst < 1e-4
+    first = runs[False].train_dataset[0]["ref_logps"]
+    assert runs[True]._lazy_reference[("train", 0)] == pytest.approx(first, abs=1e-5)

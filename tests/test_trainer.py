@@ -161,6 +161,31 @@ def test_sft_lowers_nll_of_chosen(tmp_path):
     assert sum(p.numel() for p in llm.parameters()) == sum(p.numel() for p in tiny_llama()[0].parameters())
 
 
+def test_sft_response_only_head_gives_the_full_logits_loss_and_gradients(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    records = two_user_records(n_prompts=3)
+    for lora in (False, True):
+        llm, tok = tiny_llama()
+        if lora:
+            llm = get_peft_model(llm, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
+        cfg = PSFTConfig(output_dir=str(tmp_path / f"sft{lora}"), report_to="none", use_cpu=True, disable_tqdm=True,
+                         per_device_train_batch_size=8, save_strategy="no")
+        trainer = PSFTTrainer(model=llm, args=cfg, train_dataset=records, processing_class=tok)
+        batch = trainer._prepare_inputs(trainer.data_collator(trainer.train_dataset))
+        grads = {}
+        for fast in (True, False):
+            trainer.args.response_logits_only = fast
+            llm.zero_grad()
+            loss = trainer.compute_loss(llm, batch)
+            loss.backward()
+            grads[fast] = (loss.item(), {n: p.grad.clone() for n, p in llm.named_parameters() if p.grad is not None})
+        assert grads[True][0] == pytest.approx(grads[False][0], abs=1e-5)
+        assert grads[True][1].keys() == grads[False][1].keys() and grads[True][1]
+        for n, g in grads[True][1].items():
+            assert torch.allclose(g, grads[False][1][n], atol=1e-5), n
+
+
 def test_user_id_in_prompt_baseline_trains_saves_and_scores_the_tagged_prompt(tmp_path):
     """The baseline people build with TRL today: no user model, the user id written into the prompt.
     The saved model keeps the template, so evaluation and generation tag prompts the same way; its

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import PreferenceCollator, tokenize_dataset
+from .data import tokenize_dataset
 from .evaluation import pair_margins
 from .guards import check_finite
 from .losses import preference_loss
@@ -120,9 +120,7 @@ def _check_adaptable(model) -> None:
 
 def _reference_logps(model, examples: list[dict], reference, batch_size: int) -> torch.Tensor:
     """log pi_SFT of chosen and rejected, (n, 2), computed once."""
-    tok = model.tokenizer
-    collate = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, "right",
-                                 packing=packing_supported(model.llm))
+    collate = model.collator(packing=packing_supported(model.llm))
     out = []
     with torch.no_grad():
         for s in range(0, len(examples), batch_size):
@@ -220,9 +218,7 @@ def adapt_users(model, records: list[dict], reference=None, steps: int = 30, lea
         ex["ref_logps"] = tuple(lp)
     result.reference_seconds = time.time() - t_ref
 
-    tok = model.tokenizer
-    collate = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, "right",
-                                 packing=packing_supported(model.llm))
+    collate = model.collator(packing=packing_supported(model.llm))
     values = nn.Parameter(torch.stack([um.user_parameters(r) for r in rows]).float())
     optimizer = torch.optim.Adam([values], lr=lr)
     rng = random.Random(seed)

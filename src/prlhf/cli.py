@@ -15,6 +15,7 @@
     prlhf rm train --config recipe.yaml [--field value ...]   a personalized reward model (P-RM)
     prlhf rm eval  --model DIR [--model DIR2 ...] --data FILE --output metrics.json
     prlhf rm score --model DIR --input rows.jsonl --output scored.jsonl
+    prlhf rm demo [--output DIR]                            P-RM vs vanilla RM and best-of-n on the demo task
     prlhf serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]   OpenAI-compatible server
     prlhf judge --generations FILE --a METHOD --b METHOD --base-url URL --model NAME --output judge.json
 
@@ -263,20 +264,16 @@ def cmd_generate(argv: list[str]) -> int:
 
         check_output_path(a.output, "--output")
     torch.manual_seed(a.seed)
-    model = PersonalizedLM.from_pretrained(a.model, **a.load_kwargs())
+    model = PersonalizedLM.from_pretrained_or_plain(a.model, **a.load_kwargs())
+    if a.best_of > 1:
+        return _generate_best_of(a, model)
     kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, **a.generation_kwargs())
     if a.do_sample:
         kw.update(temperature=a.temperature, top_p=a.top_p)
     if a.prompt is not None:
         print(model.generate([a.prompt], [a.user], [a.user_text], **kw)[0])
         return 0
-    from .data import read_records
-
-    records = read_records(a.input)
-    for i, rec in enumerate(records):
-        if not isinstance(rec.get("prompt"), (str, list)):
-            raise ConfigError(f"{a.input}: record {i} (line {rec.get('_line')}): field 'prompt' is missing")
-        rec.pop("_line", None)
+    records = _prompt_records(a.input)
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     out_f = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout
@@ -303,6 +300,46 @@ def cmd_generate(argv: list[str]) -> int:
         print(f"wrote {len(records)} responses to {a.output}; {summary}")
     else:
         logger.warning(summary)
+    return 0
+
+
+def _prompt_records(path: str) -> list[dict]:
+    from .data import read_records
+
+    records = read_records(path)
+    for i, rec in enumerate(records):
+        if not isinstance(rec.get("prompt"), (str, list)):
+            raise ConfigError(f"{path}: record {i} (line {rec.get('_line')}): field 'prompt' is missing")
+        rec.pop("_line", None)
+    return records
+
+
+def _generate_best_of(a, policy) -> int:
+    """``prlhf generate --best-of N --reward-model DIR``: N samples per prompt, the P-RM's pick for the user."""
+    from .reward import PersonalizedRewardModel, best_of_n
+
+    rm = PersonalizedRewardModel.from_pretrained(a.reward_model, **a.load_kwargs())
+    kw = dict(n=a.best_of, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+              top_p=a.top_p, **a.generation_kwargs())
+    if a.prompt is not None:
+        best = best_of_n(policy, rm, [a.prompt], [a.user], [a.user_text], **kw)[0]
+        print(best["response"])
+        logger.info("best of %d: reward %.3f (candidates %s)", a.best_of, best["reward"],
+                    ", ".join(f"{c['reward']:.2f}" for c in best["candidates"]))
+        return 0
+    records = _prompt_records(a.input)
+    start = time.perf_counter()
+    picked = best_of_n(policy, rm, [r["prompt"] for r in records], [r.get("user_id") for r in records],
+                       [r.get("user_text") for r in records],
+                       progress=lambda i, n: logger.info("best of %d: %d/%d prompts", a.best_of, i, n), **kw)
+    lines = "".join(json.dumps({**r, **p}, ensure_ascii=False) + "\n" for r, p in zip(records, picked))
+    if a.output:
+        from .storage import atomic_write_text
+
+        atomic_write_text(a.output, lines)
+        print(f"wrote {len(records)} best-of-{a.best_of} responses to {a.output} in {time.perf_counter() - start:.1f} s")
+    else:
+        sys.stdout.write(lines)
     return 0
 
 
@@ -589,10 +626,12 @@ def cmd_users(argv: list[str]) -> int:
 
 def cmd_rm(argv: list[str]) -> int:
     """``prlhf rm train|eval|score``: the personalized reward model."""
-    actions = {"train": _rm_train, "eval": _rm_eval, "score": _rm_score}
+    from .reward_demo import main_reward_demo
+
+    actions = {"train": _rm_train, "eval": _rm_eval, "score": _rm_score, "demo": main_reward_demo}
     if not argv or argv[0] not in actions:
         raise ConfigError("usage: prlhf rm train --config FILE | rm eval --model DIR --data FILE --output metrics.json | "
-                          "rm score --model DIR --input FILE --output FILE")
+                          "rm score --model DIR --input FILE --output FILE | rm demo [--output DIR]")
     return actions[argv[0]](argv[1:])
 
 

@@ -12,10 +12,14 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from .data import USER_POSITIONS
 from .losses import LOSS_TYPES
 from .models import DTYPES
 from .storage import check_output_path
 from .user_models import CLUSTER_WEIGHTINGS, OFFSET_INITS, USER_INITS, USER_MODELS
+
+USER_ROWS_UPDATES = ("auto", "dense", "lazy")
+LAZY_ROWS_FROM = 1000  # user_rows_update auto: lazy from this many users
 
 
 def _f(default, help: str, **kw):
@@ -98,6 +102,8 @@ class PSFTConfig(PrlhfArguments):
     """Supervised fine-tuning on prompt -> chosen, without any user input: builds pi_SFT."""
 
     learning_rate: float = _f(2e-5, "Learning rate (AdamW).")
+    response_logits_only: bool = _f(True, "Apply the LM head at response positions only (the loss is the same); "
+                                    "False computes logits at every position, as most SFT trainers do.")
 
 
 @dataclass
@@ -116,6 +122,15 @@ class PDPOConfig(PrlhfArguments):
                                "embeddings, as the authors' code; 'random': Gaussian at the token embeddings' scale).")
     max_user_text_tokens: int = _f(128, "Explicit user model: tokens of the user's text kept (0 disables it).")
     user_learning_rate: float | None = _f(None, "Learning rate of the user model (default: learning_rate).")
+    user_rows_update: str = _f("auto", "How the per-user rows (individual offsets, cluster mixture logits) are "
+                               "optimized: 'dense' (AdamW over the whole table every step: the step's cost grows with "
+                               "the number of users), 'lazy' (sparse gradients; Adam moments and updates for the batch's "
+                               "rows only, as TF's LazyAdam with AdamW's arithmetic: the cost is flat in the number of users, "
+                               "and rows absent from a batch stay put), 'auto' (lazy from 1,000 users on).")
+    user_position: str = _f("prefix", "Where the user tokens sit: 'prefix' (after BOS, before the prompt: the paper's "
+                            "layout) or 'before_response' (between the prompt and the response: the prompt is the same "
+                            "for every user, so with packing one row holds the prompt once and both P-DPO terms' user "
+                            "tokens and responses behind it).")
     user_id_in_prompt: bool = _f(False, "Baseline: write the user id into the prompt text (user_id_prompt) "
                                  "instead of, or besides, a user model; what people do with TRL today.")
     user_id_prompt: str = _f("[user: {user_id}]\n", "Template of the user id written into the prompt.")
@@ -138,6 +153,10 @@ class PDPOConfig(PrlhfArguments):
     precompute_ref_log_probs: bool = _f(True, "Compute the reference log-probs once, before training, and cache them on "
                                         "disk (reference_cache_dir); False: a reference forward pass every step (with "
                                         "a full copy of the weights unless use_lora).")
+    lazy_reference: bool = _f(False, "With LoRA (the reference is the base, adapters disabled) and "
+                              "precompute_ref_log_probs: compute each pair's reference log-probs the first time a step "
+                              "visits it and keep them in memory, instead of all pairs before training: a run that "
+                              "sees part of the data pays for that part only (no disk cache, so runs do not share it).")
     reference_cache_dir: str | None = _f(None, "Where precomputed reference log-probs are cached, keyed by reference "
                                          "weights, tokenizer, tokenized data and dtype (default: $PRLHF_CACHE/"
                                          "reference_logps, i.e. ~/.cache/prlhf/reference_logps); 'none' keeps them in "
@@ -167,6 +186,10 @@ class PDPOConfig(PrlhfArguments):
                              f"got {self.label_smoothing}")
         if self.sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.user_position not in USER_POSITIONS:
+            raise ValueError(f"user_position must be one of {USER_POSITIONS}, got {self.user_position!r}")
+        if self.user_rows_update not in USER_ROWS_UPDATES:
+            raise ValueError(f"user_rows_update must be one of {USER_ROWS_UPDATES}, got {self.user_rows_update!r}")
         if self.user_learning_rate is not None and self.user_learning_rate < 0:
             raise ValueError(f"user_learning_rate must be >= 0, got {self.user_learning_rate}")
         self._refuse_overwriting(self.reference_model_name_or_path, "reference_model_name_or_path")
@@ -257,7 +280,8 @@ class EvalConfig(LoadingOptions):
 class GenerateConfig(LoadingOptions):
     """``prlhf generate``: personalized generation for one prompt or a JSONL file of prompts."""
 
-    model: str | None = _flag(None, "folder written by `prlhf train` (or a Hub repository owner/name)")
+    model: str | None = _flag(None, "folder written by `prlhf train` (or a Hub repository owner/name), or any causal LM "
+                              "(served alike for every user)")
     user: str | None = _flag(None, "user id (unknown or omitted: the generic user)")
     user_text: str | None = _flag(None, "the user's text (explicit user model)")
     prompt: str | None = _flag(None, "one prompt")
@@ -269,13 +293,20 @@ class GenerateConfig(LoadingOptions):
     temperature: float = _flag(1.0, "sampling temperature")
     top_p: float = _flag(1.0, "nucleus sampling")
     seed: int = _flag(0, "random seed")
+    best_of: int = _flag(1, "personalized best-of-n: sample N responses per prompt and keep the one --reward-model "
+                         "scores highest for the prompt's user (sampling implied)")
+    reward_model: str | None = _flag(None, "reward model folder written by `prlhf rm train` (for --best-of)")
 
     def __post_init__(self):
         super().__post_init__()
         if not self.model:
-            raise ValueError("--model is required (a folder written by `prlhf train`)")
+            raise ValueError("--model is required (a folder written by `prlhf train`, or any causal LM)")
         if (self.prompt is None) == (self.input is None):
             raise ValueError("give either --prompt or --input")
+        if self.best_of < 1:
+            raise ValueError(f"--best-of must be >= 1, got {self.best_of}")
+        if self.best_of > 1 and not self.reward_model:
+            raise ValueError("--best-of N needs --reward-model DIR (a folder written by `prlhf rm train`)")
 
 
 @_hyphen_aliases

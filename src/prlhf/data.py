@@ -269,15 +269,32 @@ def tokenize_dataset(records: list[dict], tokenizer, settings: TokenizeSettings,
 # Batching
 
 
+USER_POSITIONS = ("prefix", "before_response")
+# reward models may also read the user after the response: the last token is then the user's, and
+# its hidden state (what the reward head reads) is the user's query over the whole response
+REWARD_USER_POSITIONS = USER_POSITIONS + ("after_response",)
+
+
 def build_sequence(prompt_ids: list[int], response_ids: list[int], user_text_ids: list[int], n_user_tokens: int,
-                   bos_id: int | None, slot_id: int) -> tuple[list[int], list[int], list[bool], list[bool]]:
-    """One sequence: (ids, labels, implicit_mask, user_mask). The user prefix goes after BOS."""
-    b = 1 if bos_id is not None and prompt_ids[:1] == [bos_id] else 0
+                   bos_id: int | None, slot_id: int, user_position: str = "prefix"
+                   ) -> tuple[list[int], list[int], list[bool], list[bool]]:
+    """One sequence: (ids, labels, implicit_mask, user_mask). The user prefix (implicit slots, then
+    the user's text) goes after BOS (``prefix``, the paper's layout), between the prompt and the
+    response (``before_response``: the prompt is then the same for every user) or, for reward
+    models, after the response (``after_response``)."""
     prefix = [slot_id] * n_user_tokens + list(user_text_ids)
-    ids = prompt_ids[:b] + prefix + prompt_ids[b:] + list(response_ids)
-    labels = [-100] * (len(ids) - len(response_ids)) + list(response_ids)
-    implicit = [False] * b + [True] * n_user_tokens + [False] * (len(ids) - b - n_user_tokens)
-    user = [False] * b + [True] * len(prefix) + [False] * (len(ids) - b - len(prefix))
+    body = list(prompt_ids) + list(response_ids)
+    if user_position == "after_response":
+        at = len(body)
+    elif user_position == "before_response":
+        at = len(prompt_ids)
+    else:
+        at = 1 if bos_id is not None and prompt_ids[:1] == [bos_id] else 0
+    ids = body[:at] + prefix + body[at:]
+    start = len(prompt_ids) + (len(prefix) if at <= len(prompt_ids) else 0)  # where the response begins
+    labels = [-100] * start + list(response_ids) + [-100] * (len(ids) - start - len(response_ids))
+    implicit = [False] * at + [True] * n_user_tokens + [False] * (len(ids) - at - n_user_tokens)
+    user = [False] * at + [True] * len(prefix) + [False] * (len(ids) - at - len(prefix))
     return ids, labels, implicit, user
 
 
@@ -302,24 +319,59 @@ def collate_sequences(seqs: list[tuple], pad_id: int, side: str) -> dict[str, to
 
 
 def build_packed_sequence(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], user_text_ids: list[int],
-                          n_user_tokens: int, bos_id: int | None, slot_id: int):
-    """A shared-prompt packed sequence ``[BOS] [user prefix] [prompt] [chosen] [rejected]``.
+                          n_user_tokens: int, bos_id: int | None, slot_id: int, user_position: str = "prefix",
+                          n_terms: int = 1):
+    """A shared-prompt packed sequence: ``[BOS] [user prefix] [prompt] [chosen] [rejected]``
+    (``prefix``), or ``[BOS] [prompt]`` then, for each of ``n_terms`` users (P-DPO's user and
+    generic terms), ``[user prefix] [chosen] [rejected]`` (``before_response``: the prompt once for
+    every term).
 
-    Returns (ids, branch, implicit_mask, user_mask, chosen_pred, rejected_pred): ``branch`` is 0 for
-    the shared prefix and prompt, 1 for chosen and 2 for rejected tokens (the attention mask lets a
-    token see branch 0 and its own branch only); ``*_pred`` hold, for each response token, the
-    position whose hidden state predicts it: the last prompt token for the first token of either
-    response, then the previous token of the same response."""
-    ids, _, implicit, user = build_sequence(prompt_ids, [], user_text_ids, n_user_tokens, bos_id, slot_id)
-    start = len(ids)
-    ids = ids + list(chosen_ids) + list(rejected_ids)
-    branch = [0] * start + [1] * len(chosen_ids) + [2] * len(rejected_ids)
-    implicit = implicit + [False] * (len(chosen_ids) + len(rejected_ids))
-    user = user + [False] * (len(chosen_ids) + len(rejected_ids))
-    chosen_pred = [start - 1] + list(range(start, start + len(chosen_ids) - 1))
-    r0 = start + len(chosen_ids)
-    rejected_pred = [start - 1] + list(range(r0, r0 + len(rejected_ids) - 1))
-    return ids, branch, implicit, user, chosen_pred[:len(chosen_ids)], rejected_pred[:len(rejected_ids)]
+    Returns (ids, branch, parent, implicit_mask, user_mask, preds): ``branch`` numbers the segments
+    (0 the shared part; per term, 3k+1 its user prefix, 3k+2 chosen, 3k+3 rejected; in the prefix
+    layout the prefix is shared: 1 chosen, 2 rejected), ``parent`` gives each token's parent segment
+    (0, or its term's user prefix): a token sees earlier tokens of branch 0, of its own branch and of
+    its parent. ``preds`` holds per term (chosen_pred, ref_chosen_pred, rejected_pred,
+    ref_rejected_pred): for each response token, the position whose hidden state predicts it (the
+    token before it: the user prefix's last token, or the prompt's, for the first one), and the
+    same with the user prefix hidden (the reference: the prompt's last token for the first one)."""
+    if user_position != "before_response":
+        if n_terms != 1:
+            raise ValueError("several terms in one packed sequence need user_position='before_response'")
+        ids, _, implicit, user = build_sequence(prompt_ids, [], user_text_ids, n_user_tokens, bos_id, slot_id)
+        start = len(ids)
+        ids = ids + list(chosen_ids) + list(rejected_ids)
+        branch = [0] * start + [1] * len(chosen_ids) + [2] * len(rejected_ids)
+        implicit = implicit + [False] * (len(chosen_ids) + len(rejected_ids))
+        user = user + [False] * (len(chosen_ids) + len(rejected_ids))
+        chosen_pred = ([start - 1] + list(range(start, start + len(chosen_ids) - 1)))[:len(chosen_ids)]
+        r0 = start + len(chosen_ids)
+        rejected_pred = ([start - 1] + list(range(r0, r0 + len(rejected_ids) - 1)))[:len(rejected_ids)]
+        return ids, branch, [0] * len(ids), implicit, user, [(chosen_pred, chosen_pred, rejected_pred, rejected_pred)]
+    ids = list(prompt_ids)
+    branch, parent, implicit, user = [0] * len(ids), [0] * len(ids), [False] * len(ids), [False] * len(ids)
+    last_prompt = len(ids) - 1
+    prefix = [slot_id] * n_user_tokens + list(user_text_ids)
+    preds = []
+    for k in range(n_terms):
+        u_b, c_b, r_b = 3 * k + 1, 3 * k + 2, 3 * k + 3
+        ids += prefix
+        branch += [u_b] * len(prefix)
+        parent += [0] * len(prefix)
+        implicit += [True] * n_user_tokens + [False] * len(user_text_ids)
+        user += [True] * len(prefix)
+        last_user = len(ids) - 1 if prefix else last_prompt
+        term = []
+        for response, b in ((chosen_ids, c_b), (rejected_ids, r_b)):
+            start = len(ids)
+            ids += list(response)
+            branch += [b] * len(response)
+            parent += [u_b] * len(response)
+            implicit += [False] * len(response)
+            user += [False] * len(response)
+            follow = list(range(start, start + len(response) - 1))
+            term += [([last_user] + follow)[:len(response)], ([last_prompt] + follow)[:len(response)]]
+        preds.append(tuple(term))
+    return ids, branch, parent, implicit, user, preds
 
 
 @dataclass
@@ -347,44 +399,68 @@ class PreferenceCollator:
     padding_side: str = "right"
     packing: bool = False
     with_user: bool = True
+    user_position: str = "prefix"
+    n_terms: int = 1  # terms packed into one row (before_response + packing only)
+
+    def __post_init__(self):
+        if self.user_position not in REWARD_USER_POSITIONS:
+            raise ValueError(f"user_position must be one of {REWARD_USER_POSITIONS}, got {self.user_position!r}")
+        if self.packing and self.user_position == "after_response":
+            raise ValueError("user_position='after_response' (reward models) has no packed layout")
+        if self.n_terms != 1 and not (self.packing and self.user_position == "before_response"):
+            raise ValueError("several terms per row need packing=True and user_position='before_response'")
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
         B = len(examples)
         n_slots = self.n_user_tokens if self.with_user else 0
         text = (lambda ex: ex["user_text_ids"]) if self.with_user else (lambda ex: [])  # noqa: E731
-        seqs, targets = [], []  # targets: (row, position in the unpadded row, token id, sequence)
+        layout = self.user_position if self.with_user else "prefix"  # no user: both layouts are the same sequence
+        # targets: (row, position predicting the token, the same with the user hidden, token id, sequence)
+        seqs, targets = [], []
         if self.packing:
-            branches = []
+            branches, parents = [], []
             for i, ex in enumerate(examples):
-                ids, branch, implicit, user, c_pred, r_pred = build_packed_sequence(
+                ids, branch, parent, implicit, user, preds = build_packed_sequence(
                     ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], text(ex), n_slots, self.bos_token_id,
-                    self.pad_token_id)
+                    self.pad_token_id, layout, self.n_terms)
                 seqs.append((ids, [-100] * len(ids), implicit, user))
                 branches.append(branch)
-                targets += [(i, p, t, i) for p, t in zip(c_pred, ex["chosen_ids"]) if p >= 0]
-                targets += [(i, p, t, B + i) for p, t in zip(r_pred, ex["rejected_ids"]) if p >= 0]
+                parents.append(parent)
+                for k, (c_pred, c_ref, r_pred, r_ref) in enumerate(preds):
+                    targets += [(i, p, q, t, 2 * B * k + i) for p, q, t in zip(c_pred, c_ref, ex["chosen_ids"]) if p >= 0]
+                    targets += [(i, p, q, t, 2 * B * k + B + i) for p, q, t in zip(r_pred, r_ref, ex["rejected_ids"]) if p >= 0]
             row_pair = list(range(B))
         else:
             for j, key in enumerate(("chosen_ids", "rejected_ids")):
                 for i, ex in enumerate(examples):
-                    seq = build_sequence(ex["prompt_ids"], ex[key], text(ex), n_slots, self.bos_token_id, self.pad_token_id)
+                    seq = build_sequence(ex["prompt_ids"], ex[key], text(ex), n_slots, self.bos_token_id, self.pad_token_id,
+                                         layout)
                     seqs.append(seq)
-                    start = len(seq[0]) - len(ex[key])
-                    targets += [(j * B + i, start - 1 + k, t, j * B + i) for k, t in enumerate(ex[key]) if start - 1 + k >= 0]
+                    start = len(ex["prompt_ids"]) if layout == "after_response" else len(seq[0]) - len(ex[key])
+                    # with the user hidden, the first response token follows the prompt's last token
+                    first_ref = len(ex["prompt_ids"]) - 1 if layout != "prefix" else start - 1
+                    targets += [(j * B + i, start - 1 + k, first_ref if k == 0 else start - 1 + k, t, j * B + i)
+                                for k, t in enumerate(ex[key]) if start - 1 + k >= 0]
             row_pair = list(range(B)) * 2
         batch = collate_sequences(seqs, self.pad_token_id, self.padding_side)
         width = batch["input_ids"].shape[1]
         lengths = [len(s[0]) for s in seqs]
         if self.packing:
             batch["branch"] = pad_batch(branches, -1, self.padding_side)
+            if layout == "before_response":
+                batch["parent"] = pad_batch(parents, 0, self.padding_side)
             del batch["labels"]
         shift = [width - n if self.padding_side == "left" else 0 for n in lengths]
-        rows, cols, ids, seq = zip(*targets) if targets else ((), (), (), ())
+        rows, cols, ref_cols, ids, seq = zip(*targets) if targets else ((), (), (), (), ())
         batch["target_row"] = torch.tensor(rows, dtype=torch.long)
         batch["target_col"] = torch.tensor([c + shift[r] for r, c in zip(rows, cols)], dtype=torch.long)
+        if layout == "before_response":  # where the reference (user hidden) predicts each target
+            batch["ref_target_col"] = torch.tensor([c + shift[r] for r, c in zip(rows, ref_cols)], dtype=torch.long)
         batch["target_ids"] = torch.tensor(ids, dtype=torch.long)
         batch["target_seq"] = torch.tensor(seq, dtype=torch.long)
-        batch["n_tokens"] = torch.bincount(batch["target_seq"], minlength=2 * B)
+        batch["n_tokens"] = torch.bincount(batch["target_seq"], minlength=2 * B * self.n_terms)
+        if self.n_terms != 1:
+            batch["n_terms"] = torch.tensor(self.n_terms)
         batch["row_pair"] = torch.tensor(row_pair, dtype=torch.long)
         batch["user_rows"] = torch.tensor([ex["user_row"] for ex in examples], dtype=torch.long)  # (B,)
         batch["index"] = torch.tensor([ex.get("index", -1) for ex in examples], dtype=torch.long)

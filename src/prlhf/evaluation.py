@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import PreferenceCollator, tokenize_dataset
+from .data import tokenize_dataset
 from .modeling import PersonalizedLM, packing_supported
 from .reference import load_reference, reference_identity  # noqa: F401 - their home is prlhf.reference
 from .users import GENERIC_ROW
@@ -91,8 +91,7 @@ def pair_margins(model: PersonalizedLM, examples: list[dict], rows: list[int], r
     when the model's attention takes a 4D mask)."""
     if packing is None:
         packing = packing_supported(model.llm)
-    tok = model.tokenizer
-    collate = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, "right", packing=packing)
+    collate = model.collator(packing=packing)
     margins = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]

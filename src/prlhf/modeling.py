@@ -25,13 +25,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .data import TokenizeSettings, build_sequence, collate_sequences, tokenize_prompt, with_user_id
+from .data import (PreferenceCollator, TokenizeSettings, build_sequence, collate_sequences, tokenize_prompt,
+                   with_user_id)
 from .guards import NonFiniteError, check_finite  # noqa: F401 - re-exported
-from .models import load_model_and_tokenizer
+from .models import load_model_and_tokenizer, resolve_device
 from .persistence import (CONFIG_NAME, USER_MODEL_NAME, USERS_NAME, load_personalized,  # noqa: F401 - re-exported
                           load_weights_into, push_personalized, read_config, save_personalized)
 from .scoring import (PACKING_ATTENTION, attention_mask_4d, check_packing_supported, packed_attention,  # noqa: F401
@@ -59,6 +61,7 @@ class PersonalizationConfig:
     reference_model_name_or_path: str | None = None  # pi_SFT; None with LoRA: the base, adapters disabled
     user_id_prompt: str | None = None  # baseline: user id written into the prompt (see data.with_user_id)
     seed: int = 0
+    user_position: str = "prefix"  # where the user tokens go: after BOS (the paper's) or before the response
     extra: dict = field(default_factory=dict)
 
     @property
@@ -149,12 +152,16 @@ class PersonalizedLM(nn.Module):
         return self.prlhf_config.n_implicit_tokens if self.user_model is not None else 0
 
     def embed(self, input_ids: torch.Tensor, implicit_mask: torch.Tensor | None, user_rows: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings (N, T, d) with the implicit user embedding scattered into the slots."""
+        """Token embeddings (N, T, d) with the implicit user embedding scattered into the slots;
+        ``user_rows`` (N,), or (N, n) for rows holding n users' slots one after another."""
         embeds = self.llm.get_input_embeddings()(input_ids)  # (N, T, d)
         if self.user_model is None or implicit_mask is None or not bool(implicit_mask.any()):
             return embeds
-        users = self.user_model(user_rows).to(embeds.dtype)  # (N, T_u, d)
-        return embeds.masked_scatter(implicit_mask.unsqueeze(-1), users)
+        if user_rows.dim() == 2:  # several terms per row: their slots in order
+            users = torch.cat([self.user_model(user_rows[:, k]) for k in range(user_rows.shape[1])], dim=1)
+        else:
+            users = self.user_model(user_rows)  # (N, T_u, d)
+        return embeds.masked_scatter(implicit_mask.unsqueeze(-1), users.to(embeds.dtype))
 
     def forward(self, input_ids=None, attention_mask=None, implicit_mask=None, user_rows=None, pairs=None, terms=None,
                 full_logits: bool = False, **kwargs):
@@ -183,6 +190,18 @@ class PersonalizedLM(nn.Module):
         R, T = batch["input_ids"].shape
         B = batch["user_rows"].shape[0]
         row_pair, t_row, t_col = batch["row_pair"], batch["target_row"], batch["target_col"]
+        if "n_terms" in batch:  # before_response packing: every term's user and responses in the pair's one row
+            n = int(batch["n_terms"])
+            if len(terms) != n:
+                raise ValueError(f"this batch packs {n} terms per row, {len(terms)} were asked for")
+            users = torch.stack([pair_users[row_pair] for pair_users, _ in terms], dim=1)  # (R, n)
+            embeds = self.embed(batch["input_ids"], batch["implicit_mask"], users)
+            token_logps = score_targets(self.llm, embeds, batch, t_row * T + t_col, batch["target_ids"],
+                                        full_logits=full_logits)
+            out = sum_per_sequence(token_logps, batch["target_seq"], n * 2 * B).view(n, 2 * B)
+            chosen = torch.stack([torch.ones(B, dtype=torch.bool, device=out.device) if sel is None else sel
+                                  for _, sel in terms])  # pairs a term did not select are 0
+            return out * chosen.repeat(1, 2).to(out.dtype)
         all_pairs = torch.ones(B, dtype=torch.bool, device=row_pair.device)
         rows, users, flat, seqs, ids = [], [], [], [], []
         for k, (pair_users, selected) in enumerate(terms):
@@ -197,7 +216,8 @@ class PersonalizedLM(nn.Module):
             rows.append(term_rows)
             users.append(pair_users[row_pair[term_rows]])
         rows = torch.cat(rows)
-        sub = {key: batch[key][rows] for key in ("input_ids", "attention_mask", "implicit_mask", "user_mask", "branch") if key in batch}
+        sub = {key: batch[key][rows] for key in ("input_ids", "attention_mask", "implicit_mask", "user_mask", "branch", "parent")
+               if key in batch}
         embeds = self.embed(sub["input_ids"], sub["implicit_mask"], torch.cat(users))
         token_logps = score_targets(self.llm, embeds, sub, torch.cat(flat), torch.cat(ids), full_logits=full_logits)
         return sum_per_sequence(token_logps, torch.cat(seqs), len(terms) * 2 * B).view(len(terms), 2 * B)
@@ -209,13 +229,16 @@ class PersonalizedLM(nn.Module):
         packed), user positions masked out; ``reference`` a frozen LM, or None for this model's
         base with its LoRA adapters disabled, or, with ``policy_is_reference`` (before training),
         this model's LLM as it is."""
-        flat = batch["target_row"] * batch["input_ids"].shape[1] + batch["target_col"]
         B = batch["user_rows"].shape[0]
+        first = batch["target_seq"] < 2 * B  # one term's targets: the reference sees no user
+        col = batch.get("ref_target_col", batch["target_col"])  # before_response: the first token follows the prompt
+        flat = (batch["target_row"] * batch["input_ids"].shape[1] + col)[first]
 
         def run(llm):
             embeds = llm.get_input_embeddings()(batch["input_ids"])
-            token_logps = score_targets(llm, embeds, batch, flat, batch["target_ids"], hide_user=True, full_logits=full_logits)
-            return sum_per_sequence(token_logps, batch["target_seq"], 2 * B)
+            token_logps = score_targets(llm, embeds, batch, flat, batch["target_ids"][first], hide_user=True,
+                                        full_logits=full_logits)
+            return sum_per_sequence(token_logps, batch["target_seq"][first], 2 * B)
 
         if reference is not None:
             return run(reference)
@@ -225,6 +248,14 @@ class PersonalizedLM(nn.Module):
         if not policy_is_reference:
             raise ValueError("a reference model is needed unless the policy is a LoRA model")
         return run(self.llm)
+
+    def collator(self, padding_side: str = "right", packing: bool = False, n_terms: int = 1,
+                 with_user: bool = True) -> PreferenceCollator:
+        """The collator of this model's preference batches (its user tokens and their position)."""
+        tok = self.tokenizer
+        return PreferenceCollator(tok.pad_token_id, tok.bos_token_id, self.n_implicit_tokens if with_user else 0,
+                                  padding_side, packing=packing, with_user=with_user,
+                                  user_position=self.prlhf_config.user_position, n_terms=n_terms)
 
     def tokenize_settings(self, max_length: int | None, max_prompt_length: int | None):
         """How this model's training and evaluation data are tokenized."""
@@ -242,6 +273,8 @@ class PersonalizedLM(nn.Module):
 
         A user's text comes from ``user_texts`` when given, else from the registry (training data)."""
         tok, cfg = self.tokenizer, self.prlhf_config
+        if cfg.user_position == "after_response":
+            raise ValueError("this model reads the user after the response (a reward model's layout): it cannot generate")
         seqs = []
         for i, (prompt, uid) in enumerate(zip(prompts, user_ids)):
             text = user_texts[i] if user_texts is not None else None
@@ -249,7 +282,8 @@ class PersonalizedLM(nn.Module):
                 text = self.registry.user_texts.get(str(uid))
             text_ids = encode_user_text(tok, text, cfg.max_user_text_tokens)
             prompt_ids = tokenize_prompt(tok, with_user_id(prompt, uid, cfg.user_id_prompt))
-            seqs.append(build_sequence(prompt_ids, [], text_ids, self.n_implicit_tokens, tok.bos_token_id, tok.pad_token_id))
+            seqs.append(build_sequence(prompt_ids, [], text_ids, self.n_implicit_tokens, tok.bos_token_id, tok.pad_token_id,
+                                       cfg.user_position))
         batch = {k: v.to(self.device) for k, v in collate_sequences(seqs, tok.pad_token_id, "left").items()}
         batch["user_rows"] = self.user_rows_for(user_ids)
         return batch
@@ -317,6 +351,21 @@ class PersonalizedLM(nn.Module):
         """Restore a saved model from a local folder or a Hub repository, verified against its
         manifest (see ``prlhf.persistence.load_personalized``)."""
         return load_personalized(cls, directory, trust_remote_code, is_trainable, device, **load_kwargs)
+
+    @classmethod
+    def from_pretrained_or_plain(cls, name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+                                 device: str | torch.device | None = None, **load_kwargs) -> "PersonalizedLM":
+        """A personalized model folder (``prlhf_config.json``) as ``from_pretrained`` loads it, or any
+        other causal LM (a folder, a Hub id, ``tiny-llama``, ``smollm2-135m-instruct``) wrapped without
+        a user model: every user is served alike."""
+        if (Path(name_or_path) / CONFIG_NAME).is_file():
+            return cls.from_pretrained(name_or_path, trust_remote_code, device=device, **load_kwargs)
+        llm, tok = load_model_and_tokenizer(str(name_or_path), trust_remote_code=trust_remote_code, **load_kwargs)
+        model = cls(llm, tok, UserRegistry(), PersonalizationConfig(str(name_or_path), user_model="none"), None)
+        if device is not None:
+            model.to(resolve_device(device))
+        model.eval()
+        return model
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload personalized model (prlhf)", revision: str | None = None,

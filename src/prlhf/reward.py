@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import PDPOConfig, _f
-from .data import PreferenceCollator, load_preference_data, tokenize_dataset
+from .data import REWARD_USER_POSITIONS, PreferenceCollator, load_preference_data, tokenize_dataset
 from .evaluation import score_pairs
 from .guards import check_finite
 from .modeling import PersonalizedLM
@@ -136,9 +136,8 @@ class PersonalizedRewardModel(nn.Module):
         return self(batch["input_ids"][:n], batch["attention_mask"][:n], None if implicit is None else implicit[:n], rows)
 
     def collator(self, padding_side: str = "right") -> PreferenceCollator:
-        tok = self.tokenizer
-        return PreferenceCollator(tok.pad_token_id, tok.bos_token_id, self.plm.n_implicit_tokens, padding_side,
-                                  packing=False)
+        """Plain rows (chosen rows, then rejected rows): each response's last token is its own."""
+        return self.plm.collator(padding_side)
 
     def pair_margins(self, examples: list[dict], rows: list[int], batch_size: int = 16) -> list[float]:
         """r(chosen) - r(rejected) of tokenized pairs under the given user rows."""
@@ -156,14 +155,16 @@ class PersonalizedRewardModel(nn.Module):
     def score(self, prompts: list, responses: list, user_ids: list | None = None, user_texts: list | None = None,
               batch_size: int = 16, max_length: int | None = 1024, max_prompt_length: int | None = 512,
               source: str = "rows to score") -> list[float]:
-        """Rewards of (prompt, response, user) rows; unknown users are scored by the generic user.
-        Prompts are text or chat messages, as in preference data; rows that cannot be tokenized are
-        an error naming the row."""
+        """Rewards of (prompt, response, user) rows; unknown users are scored by the generic user, a
+        user without a text here by the text of the training data. Prompts are text or chat
+        messages, as in preference data; rows that cannot be tokenized are an error."""
         n = len(prompts)
         if len(responses) != n:
             raise ValueError(f"{n} prompts but {len(responses)} responses")
         user_ids = list(user_ids) if user_ids is not None else [None] * n
         user_texts = list(user_texts) if user_texts is not None else [None] * n
+        # a user without a text here has the one of the training data, as in generation
+        user_texts = [t or (self.registry.user_texts.get(str(u)) if u is not None else None) for u, t in zip(user_ids, user_texts)]
         records = [{"prompt": p, "chosen": r, "rejected": r, "user_id": u, "user_text": t}
                    for p, r, u, t in zip(prompts, responses, user_ids, user_texts)]
         settings = self.plm.tokenize_settings(max_length, max_prompt_length)
@@ -244,10 +245,18 @@ class PRMConfig(PDPOConfig):
                                            "RewardTrainer (0: off).")
     learning_rate: float = _f(1e-5, "Learning rate of the backbone and the reward head (AdamW).")
 
+    user_position: str = _f("prefix", "Where the user tokens sit: 'prefix' (after BOS: the paper's layout), "
+                            "'before_response', or 'after_response' (the last token is then the user's: the reward "
+                            "head reads the user's query over the whole response).")
+
     def __post_init__(self):
         if self.center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
+        if self.user_position not in REWARD_USER_POSITIONS:
+            raise ValueError(f"user_position must be one of {REWARD_USER_POSITIONS}, got {self.user_position!r}")
+        position, self.user_position = self.user_position, "prefix"  # PDPOConfig knows the policy layouts only
         super().__post_init__()
+        self.user_position = position
 
 
 def build_reward_model(args: PRMConfig, registry: UserRegistry) -> PersonalizedRewardModel:
@@ -366,5 +375,113 @@ def evaluate_reward_accuracy(rm: PersonalizedRewardModel, records: list[dict], b
     return score_pairs(rm, records, settings, lambda examples, rows, same_tokens=True: rm.pair_margins(examples, rows, batch_size))
 
 
+def _text_of(completion) -> str:
+    """A completion as text: TRL passes text, or chat messages for conversational data."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and all(isinstance(m, dict) and "content" in m for m in completion):
+        return "".join(str(m["content"]) for m in completion)
+    raise ValueError(f"a completion must be text or chat messages ({{'role', 'content'}}), got {type(completion).__name__}")
+
+
+class PersonalizedRewardFunction:
+    """A reward function for TRL's online trainers (``GRPOTrainer``, ``RLOOTrainer``): TRL calls it
+    with ``prompts``, ``completions`` and the data set's other columns as keyword arguments; it reads
+    each row's user from ``user_column`` (default ``user_id``; absent or unknown: the generic user)
+    and, when present, the user's text from ``user_text_column``, and scores every completion for its
+    user in batches. With TRL's ``log_metric`` it also logs the mean reward per user
+    (``{name}/user/{id}``, for at most ``log_per_user_max`` users).
+
+    It is deliberately not an ``nn.Module`` (TRL would call a module as a sequence classifier)::
+
+        reward = PersonalizedRewardFunction(PersonalizedRewardModel.from_pretrained("outputs/prm"))
+        trainer = GRPOTrainer(model=policy, reward_funcs=[reward], train_dataset=prompts_with_user_id, ...)
+    """
+
+    def __init__(self, rm: PersonalizedRewardModel, batch_size: int = 16, max_length: int | None = 1024,
+                 max_prompt_length: int | None = 512, user_column: str = "user_id", user_text_column: str = "user_text",
+                 name: str = "prm", log_per_user_max: int = 20):
+        self.rm, self.batch_size = rm, batch_size
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.user_column, self.user_text_column = user_column, user_text_column
+        self.__name__ = name  # TRL's name for the reward in its logs: rewards/{name}/mean
+        self.log_per_user_max = log_per_user_max
+
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        n = len(prompts)
+        users = kwargs.get(self.user_column)
+        users = [None if u is None else str(u) for u in users] if users is not None else [None] * n
+        texts = kwargs.get(self.user_text_column)
+        rewards = self.rm.score(list(prompts), [_text_of(c) for c in completions], users, texts, self.batch_size,
+                                self.max_length, self.max_prompt_length, source="completions to score")
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None and len(self.rm.registry) <= self.log_per_user_max:
+            by_user: dict[str, list[float]] = {}
+            for u, r in zip(users, rewards):
+                by_user.setdefault(u if u in self.rm.registry else "generic", []).append(r)
+            for u, rs in sorted(by_user.items()):
+                log_metric(f"{self.__name__}/user/{u}", sum(rs) / len(rs))
+        return rewards
+
+
+def rerank(rm: PersonalizedRewardModel, prompts: list, user_ids: list, candidates: list[list[str]],
+           user_texts: list | None = None, batch_size: int = 64, max_length: int | None = 1024,
+           max_prompt_length: int | None = 512) -> list[dict]:
+    """Score each prompt's candidate responses for its user and pick the highest:
+    ``{"response", "reward", "candidates": [{"response", "reward"}, ...]}`` per prompt."""
+    user_texts = list(user_texts) if user_texts is not None else [None] * len(prompts)
+    flat = [(p, c, u, t) for p, u, t, cs in zip(prompts, user_ids, user_texts, candidates) for c in cs]
+    rewards = rm.score([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat], [f[3] for f in flat],
+                       batch_size, max_length, max_prompt_length) if flat else []
+    out, k = [], 0
+    for cs in candidates:
+        scored = [{"response": c, "reward": r} for c, r in zip(cs, rewards[k:k + len(cs)])]
+        k += len(cs)
+        best = max(scored, key=lambda c: c["reward"])
+        out.append({"response": best["response"], "reward": best["reward"], "candidates": scored})
+    return out
+
+
+@torch.no_grad()
+def sample_candidates(policy: PersonalizedLM, prompts: list, user_ids: list | None = None, user_texts: list | None = None,
+                      n: int = 8, batch_size: int = 8, max_new_tokens: int = 64, temperature: float = 1.0,
+                      top_p: float = 1.0, progress=None, **generate_kwargs) -> list[list[str]]:
+    """``n`` sampled responses per prompt from ``policy``, each row for its user; ``batch_size``
+    prompts (``batch_size * n`` rows) per ``generate()`` call."""
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    total = len(prompts)
+    user_ids = list(user_ids) if user_ids is not None else [None] * total
+    user_texts = list(user_texts) if user_texts is not None else [None] * total
+    if not len(user_ids) == len(user_texts) == total:
+        raise ValueError(f"{total} prompts but {len(user_ids)} user ids and {len(user_texts)} user texts")
+    rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731 - each item n times, in order
+    out = []
+    for s in range(0, total, batch_size):
+        p, u, t = prompts[s:s + batch_size], user_ids[s:s + batch_size], user_texts[s:s + batch_size]
+        ids = policy.generate_ids(policy.prepare_prompts(rep(p), rep(u), rep(t)), do_sample=True, temperature=temperature,
+                                  top_p=top_p, max_new_tokens=max_new_tokens, **generate_kwargs)
+        texts = policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        out += [texts[i * n:(i + 1) * n] for i in range(len(p))]
+        if progress:
+            progress(min(s + batch_size, total), total)
+    return out
+
+
+def best_of_n(policy: PersonalizedLM, rm: PersonalizedRewardModel, prompts: list, user_ids: list | None = None,
+              user_texts: list | None = None, n: int = 8, batch_size: int = 8, max_new_tokens: int = 64,
+              temperature: float = 1.0, top_p: float = 1.0, max_length: int | None = 1024,
+              max_prompt_length: int | None = 512, progress=None, **generate_kwargs) -> list[dict]:
+    """Personalized best-of-n: ``n`` sampled responses per prompt from ``policy`` (any causal LM
+    wrapped as a ``PersonalizedLM``, personalized or not; each row for its user), each scored by the
+    P-RM for the prompt's user; returns per prompt ``{"response", "reward", "candidates": [{"response",
+    "reward"}, ...]}`` with the highest-reward response."""
+    user_ids = list(user_ids) if user_ids is not None else [None] * len(prompts)
+    candidates = sample_candidates(policy, prompts, user_ids, user_texts, n, batch_size, max_new_tokens, temperature,
+                                   top_p, progress, **generate_kwargs)
+    return rerank(rm, prompts, user_ids, candidates, user_texts, max(1, batch_size * n), max_length, max_prompt_length)
+
+
 __all__ = ["PersonalizedRewardModel", "PRMConfig", "PRMTrainer", "bradley_terry_loss", "prm_loss", "last_token_index",
-           "build_reward_model", "evaluate_reward_accuracy"]
+           "build_reward_model", "evaluate_reward_accuracy", "PersonalizedRewardFunction", "best_of_n",
+           "sample_candidates", "rerank"]

@@ -25,18 +25,24 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def packed_attention(branch: torch.Tensor, hidden_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_attention(branch: torch.Tensor, hidden_keys: torch.Tensor | None = None,
+                     parent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention of packed rows: (allowed (R, T, T) bool, position_ids (R, T)).
 
-    ``branch`` (R, T) is -1 for padding, 0 for the shared prefix and prompt, 1 chosen, 2 rejected.
-    A query sees earlier keys of branch 0 and of its own branch; ``hidden_keys`` (R, T) bool removes
-    keys (the user positions, for the reference). Each token's position is the number of keys it
-    sees minus one, which restarts the rejected response where the prompt ends and skips removed
-    keys. Every query also sees itself, so padding rows stay finite (their outputs are unused)."""
+    ``branch`` (R, T) is -1 for padding, 0 for the shared part, else the segment a token belongs to
+    (1 chosen, 2 rejected; with several terms per row, each term's user prefix, chosen and
+    rejected); ``parent`` (R, T) the segment each token also sees (its term's user prefix; 0: none).
+    A query sees earlier keys of branch 0, of its own branch and of its parent; ``hidden_keys``
+    (R, T) bool removes keys (the user positions, for the reference). Each token's position is the
+    number of keys it sees minus one, which restarts every response where its context ends and
+    skips removed keys. Every query also sees itself, so padding rows stay finite (their outputs
+    are unused)."""
     T = branch.shape[1]
     q, k = branch.unsqueeze(2), branch.unsqueeze(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=branch.device).tril()
     allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    if parent is not None:
+        allowed = allowed | (causal & (k == parent.unsqueeze(2)) & (k > 0))
     if hidden_keys is not None:
         allowed = allowed & ~hidden_keys.unsqueeze(1)
     positions = (allowed.sum(-1) - 1).clamp(min=0)
@@ -102,7 +108,8 @@ def score_targets(llm: nn.Module, embeds: torch.Tensor, batch: dict, target_inde
     ``hide_user`` masks the user positions out (the reference). The LM head runs only at the target
     positions unless ``full_logits`` (logits and log-softmax at every position, as most trainers do)."""
     if "branch" in batch:
-        allowed, position_ids = packed_attention(batch["branch"], batch["user_mask"] if hide_user else None)
+        allowed, position_ids = packed_attention(batch["branch"], batch["user_mask"] if hide_user else None,
+                                                 batch.get("parent"))
         attention_mask = attention_mask_4d(llm, allowed, embeds.dtype)
     else:
         attention_mask = batch["attention_mask"]
@@ -175,7 +182,7 @@ def verify_fast_paths(model: "PersonalizedLM", data: list[dict], packing: bool =
     """Check packing and the response-only LM head against the plain layout with full logits on a
     few pairs of ``data`` (records or tokenized examples) at start-up. Returns what is wrong, naming
     the setting to turn off, or None when both agree (or are off)."""
-    from .data import PreferenceCollator, load_preference_data, tokenize_dataset
+    from .data import load_preference_data, tokenize_dataset
 
     if not data or not (packing or fast_head):
         return None
@@ -189,10 +196,9 @@ def verify_fast_paths(model: "PersonalizedLM", data: list[dict], packing: bool =
         refusal = packing_refusal(model.llm, longest)
         if refusal:
             return refusal
-    tok = model.tokenizer
 
     def logps(packed: bool, full_logits: bool) -> torch.Tensor:
-        batch = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, packing=packed)(examples)
+        batch = model.collator(packing=packed)(examples)
         batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return model.term_logps(batch, [(batch["user_rows"], None)], full_logits=full_logits)[0].float().cpu()
 

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,12 +20,14 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .config import PDPOConfig, PSFTConfig
-from .data import PreferenceCollator, SFTCollator, TokenizeSettings, load_preference_data, tokenize_dataset
+from .config import LAZY_ROWS_FROM, PDPOConfig, PSFTConfig
+from .data import SFTCollator, TokenizeSettings, load_preference_data, tokenize_dataset
 from .losses import personalized_loss, preference_loss
 from .modeling import (NonFiniteError, PersonalizationConfig, PersonalizedLM, check_finite, packing_refusal,
                        position_ids_from_mask, verify_fast_paths)
 from .models import load_model_and_tokenizer
+from .scoring import score_targets
+from .optim import CombinedOptimizer, LazyAdam, clip_grad_norm_, grad_values
 from .storage import save_folder
 from .reference import (cache_key, cached_reference_logps, compute_reference_logps, default_cache_dir, fingerprint_examples,
                         fingerprint_module, fingerprint_tokenizer, load_reference, portable_path, reference_record,
@@ -117,7 +120,7 @@ class FiniteGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is not None:
             for name, p in model.named_parameters():
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                if p.grad is not None and not bool(torch.isfinite(grad_values(p.grad)).all()):
                     raise NonFiniteError(f"non-finite gradient (NaN or inf) at step {state.global_step + 1}: {name}; "
                                          "nothing of this step was applied or saved")
 
@@ -143,6 +146,7 @@ def personalization_config(args: PDPOConfig) -> PersonalizationConfig:
         use_lora=args.use_lora,
         user_id_prompt=args.user_id_prompt if args.user_id_in_prompt else None,
         seed=args.seed,
+        user_position=args.user_position,
     )
 
 
@@ -261,18 +265,44 @@ class _PreferenceTrainer(_ResumableTrainer):
 
     # -- optimizer: a separate learning rate for the user model -------------------------------
 
+    def lazy_user_table(self, model=None) -> torch.nn.Parameter | None:
+        """The per-user table updated lazily (``user_rows_update``), or None when it is dense."""
+        um = getattr(self.accelerator.unwrap_model(model or self.model), "user_model", None)
+        if um is None or um.per_user_param is None:
+            return None
+        table = getattr(um, um.per_user_param)
+        mode = self.args.user_rows_update
+        lazy = mode == "lazy" or (mode == "auto" and um.n_rows - 1 >= LAZY_ROWS_FROM)
+        return table if lazy and table.requires_grad else None
+
     def create_optimizer(self, model=None):
         opt_model = self.model if model is None else model
-        if self.optimizer is None and self.args.user_learning_rate is not None:
+        table = self.lazy_user_table(opt_model) if self.optimizer is None else None
+        if self.optimizer is None and (self.args.user_learning_rate is not None or table is not None):
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+            named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and p is not table]
             user = [p for n, p in named if "user_model" in n.split(".")]
             rest = [p for n, p in named if "user_model" not in n.split(".")]
-            self.optimizer = cls([
-                {"params": rest, "weight_decay": self.args.weight_decay},
-                {"params": user, "weight_decay": 0.0, "lr": self.args.user_learning_rate},
-            ], **kwargs)
+            user_lr = self.args.user_learning_rate if self.args.user_learning_rate is not None else self.args.learning_rate
+            groups = [{"params": rest, "weight_decay": self.args.weight_decay},
+                      {"params": user, "weight_decay": 0.0, "lr": user_lr}]
+            self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
+            if table is not None:  # the per-user rows: sparse gradients, moments and updates for the batch's rows only
+                self.accelerator.unwrap_model(opt_model).user_model.sparse_rows = True
+                lazy = LazyAdam([table], lr=user_lr, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                eps=self.args.adam_epsilon)
+                self.optimizer = CombinedOptimizer(self.optimizer, lazy)
         return super().create_optimizer(model)
+
+    def _clip_grad_norm(self, model):
+        if self.lazy_user_table(model) is None:
+            return super()._clip_grad_norm(model)
+        return clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self.lazy_user_table(model) is not None:
+            grad_norm = clip_grad_norm_(model.parameters(), float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
 
 
 class PDPOTrainer(_PreferenceTrainer):
@@ -313,8 +343,7 @@ class PDPOTrainer(_PreferenceTrainer):
             disable_dropout(model)
             if reference_model is not None:
                 disable_dropout(reference_model)
-        collator = PreferenceCollator(tokenizer.pad_token_id, tokenizer.bos_token_id, model.n_implicit_tokens, args.padding_side,
-                                      packing=args.packing)
+        collator = model.collator(args.padding_side, args.packing, self.packed_terms(model, args))
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evals,
                          processing_class=tokenizer, **kwargs)
         if reference_model is not None:
@@ -323,7 +352,14 @@ class PDPOTrainer(_PreferenceTrainer):
         # caller holds it anyway); one loaded here from a path is reloaded for evaluation instead
         self._given_reference = reference_model if ref_path is None else None
         self.reference_cache_hits, self.reference_seconds = 0, 0.0
-        if args.precompute_ref_log_probs:
+        # lazy_reference (LoRA, the reference being the base): each pair's reference log-probs the
+        # first time a step visits it, kept in memory: a run that sees part of the data pays for that part
+        self._lazy_reference = {} if (args.precompute_ref_log_probs and args.lazy_reference and model.is_lora
+                                      and reference_model is None) else None
+        if args.lazy_reference and self._lazy_reference is None:
+            logger.warning("lazy_reference applies only to LoRA policies whose reference is the base (adapters disabled) "
+                           "with precompute_ref_log_probs; ignored here")
+        if args.precompute_ref_log_probs and self._lazy_reference is None:
             # pi_SFT is the policy itself before any step (or the LoRA base, adapters off): no copy of the weights
             self.precompute_reference({"train": train, "eval": evals}, reference_model)
             reference_model = None  # not kept: training reads the precomputed log-probs
@@ -359,7 +395,7 @@ class PDPOTrainer(_PreferenceTrainer):
         pm: PersonalizedLM = self.accelerator.unwrap_model(self.model)
         module = reference if reference is not None else pm.llm
         tok = self.processing_class
-        collate = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, 0, "right", packing=self.args.packing, with_user=False)
+        collate = pm.collator(packing=self.args.packing, with_user=False)
         device = self.args.device
         full_logits = not self.args.response_logits_only
 
@@ -397,13 +433,19 @@ class PDPOTrainer(_PreferenceTrainer):
 
     # -- the objective ------------------------------------------------------------------------
 
-    def terms_needed(self, pm: PersonalizedLM) -> tuple[bool, bool]:
+    def terms_needed(self, pm: PersonalizedLM, args: PDPOConfig | None = None) -> tuple[bool, bool]:
         """(user term, generic term) forward passes this step needs."""
-        alpha = self.args.alpha
+        alpha = (args or self.args).alpha
         distinct = pm.user_model is not None and pm.user_model.depends_on_user
         if not distinct:
             return True, False  # the generic term equals the user term
         return alpha > 0, alpha < 1
+
+    def packed_terms(self, pm: PersonalizedLM, args: PDPOConfig) -> int:
+        """Terms per packed row: 2 when both terms run on one prompt (``user_position:
+        before_response`` with packing, without alpha_sampling), else 1."""
+        both = all(self.terms_needed(pm, args))
+        return 2 if both and args.packing and args.user_position == "before_response" and not args.alpha_sampling else 1
 
     def pair_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         return self.pdpo_loss(model, batch)
@@ -418,7 +460,8 @@ class PDPOTrainer(_PreferenceTrainer):
         # with both terms, pairs of the generic user itself have equal terms: their generic rows are not run twice
         selected = user_rows != GENERIC_ROW if need_user and need_generic else None
         terms = [("user", user_rows, None)] if need_user else []
-        if need_generic and (selected is None or bool(selected.any())):
+        # a row that packs both terms runs both (its generic term of generic-user pairs is not used)
+        if need_generic and (selected is None or bool(selected.any()) or "n_terms" in batch):
             terms.append(("generic", torch.full_like(user_rows, GENERIC_ROW), selected))
         # ONE forward pass for every term and every chosen / rejected sequence of the batch
         full_logits = not self.args.response_logits_only
@@ -496,9 +539,26 @@ class PDPOTrainer(_PreferenceTrainer):
         return loss, metrics
 
     def _batch_reference(self, pm: PersonalizedLM, batch: dict, full_logits: bool, dtype) -> torch.Tensor:
-        """log pi_SFT of chosen and rejected (2B,): precomputed in the batch, else computed now."""
+        """log pi_SFT of chosen and rejected (2B,): precomputed in the batch, else computed now
+        (``lazy_reference``: once per pair, then remembered)."""
         if "ref_logps" in batch:
             return batch["ref_logps"].to(dtype)
+        if self._lazy_reference is not None:
+            mode = "train" if pm.training else "eval"  # record indices restart in each data set
+            keys = [(mode, i) for i in batch["index"].tolist()]
+            if not all(k in self._lazy_reference for k in keys):
+                start, was_training = time.perf_counter(), pm.training
+                pm.eval()  # as the precomputed pass: no dropout
+                try:
+                    ref = pm.reference_pair_logps(batch, None, full_logits=full_logits)
+                finally:
+                    pm.train(was_training)
+                self.reference_seconds += time.perf_counter() - start
+                B = len(keys)
+                for j, k in enumerate(keys):
+                    self._lazy_reference[k] = (ref[j].item(), ref[B + j].item())
+            memo = [self._lazy_reference[k] for k in keys]
+            return torch.tensor([c for c, _ in memo] + [r for _, r in memo], dtype=dtype, device=batch["index"].device)
         if self.reference_model is None and not pm.is_lora:
             raise ValueError("this batch has no precomputed reference log-probs and the trainer holds no reference model: "
                              "pass the data as train_dataset / eval_dataset when building the trainer (they are "
@@ -576,10 +636,19 @@ class PSFTTrainer(_ResumableTrainer):
             save_folder(output_dir, lambda tmp: Trainer._save(self, str(tmp)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Mean token NLL of the chosen responses. Training applies the LM head at the response
+        positions only (``response_logits_only``); evaluation, which returns logits, at every position."""
         mask = inputs["attention_mask"]
+        labels = inputs["labels"][:, 1:]
+        if self.args.response_logits_only and not return_outputs:
+            llm = self.accelerator.unwrap_model(model)
+            T = inputs["input_ids"].shape[1]
+            rows, cols = (labels != -100).nonzero(as_tuple=True)  # position (row, col) predicts labels[row, col]
+            token_logps = score_targets(llm, llm.get_input_embeddings()(inputs["input_ids"]), {"attention_mask": mask},
+                                        rows * T + cols, labels[rows, cols])
+            return -token_logps.mean()
         logits = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
                        use_cache=False).logits
-        labels = inputs["labels"][:, 1:]
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return (loss, {"logits": logits}) if return_outputs else loss
 

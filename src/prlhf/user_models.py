@@ -45,6 +45,30 @@ def _init_vectors(shape: tuple[int, ...], init: str, token_embeddings: torch.Ten
     raise ValueError(f"user_init must be one of {USER_INITS}, got {init!r}")
 
 
+class _GatherRows(torch.autograd.Function):
+    """``table[index]`` whose gradient is a sparse COO tensor holding only the gathered rows, so that
+    backward, gradient clipping and a lazy optimizer cost O(rows in the batch), not O(rows)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape = table.shape
+        return table.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(index.unsqueeze(0), grad, ctx.shape, check_invariants=False), None
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    """Rows ``index`` of a per-user table; with ``sparse`` (and a trainable parameter) the table's
+    gradient is sparse (only the gathered rows), else dense as plain indexing gives it."""
+    if sparse and isinstance(table, nn.Parameter) and table.requires_grad and torch.is_grad_enabled():
+        return _GatherRows.apply(table, index)
+    return table[index]
+
+
 class ImplicitUserModel(nn.Module):
     """Base class: ``forward(user_rows (B,)) -> (B, T_u, d)``."""
 
@@ -57,6 +81,9 @@ class ImplicitUserModel(nn.Module):
     # Whether two different users can get different embeddings. When not, the generic term of
     # P-DPO equals the user term and the trainer skips its forward pass.
     depends_on_user: bool = True
+    # Sparse gradients for the per-user table (set by the trainers for ``user_rows_update: lazy``):
+    # a step then costs the same whatever the number of users not in the batch.
+    sparse_rows: bool = False
 
     def _check(self, user_rows: torch.Tensor) -> None:
         if user_rows.numel() and (int(user_rows.min()) < 0 or int(user_rows.max()) >= self.n_rows):
@@ -165,8 +192,12 @@ class IndividualUserModel(ImplicitUserModel):
 
     def forward(self, user_rows: torch.Tensor) -> torch.Tensor:
         self._check(user_rows)
-        zero = self.offsets.new_zeros(1, self.n_tokens, self.hidden_size)  # the generic user's offset
-        offsets = torch.cat([zero, self.offsets])[user_rows]  # (B, T_u, d)
+        if self.offsets.shape[0] == 0:  # the generic user alone
+            return self.generic.unsqueeze(0).expand(user_rows.shape[0], -1, -1)
+        # only the batch's rows are read (and, with sparse_rows, receive gradient); the generic
+        # user (row 0) has offset 0
+        offsets = gather_rows(self.offsets, (user_rows - 1).clamp(min=0), self.sparse_rows)  # (B, T_u, d)
+        offsets = offsets * (user_rows > 0).to(offsets.dtype)[:, None, None]
         return self.generic.unsqueeze(0) + offsets
 
 
@@ -206,7 +237,7 @@ class ClusterUserModel(ImplicitUserModel):
         return self.user_logits.detach()[0].clone()  # the generic user's own mixture
 
     def weights(self, user_rows: torch.Tensor) -> torch.Tensor:
-        logits = self.user_logits[user_rows]  # (B, K)
+        logits = gather_rows(self.user_logits, user_rows, self.sparse_rows)  # (B, K)
         return logits.softmax(-1) if self.weighting == "softmax" else logits
 
     def forward(self, user_rows: torch.Tensor) -> torch.Tensor:
