@@ -370,3 +370,18 @@ def test_after_response_layout_puts_the_user_last_and_cannot_generate(tmp_path):
         from prlhf.config import PDPOConfig
 
         PDPOConfig(output_dir=str(tmp_path / "x"), user_position="after_response")  # a policy cannot read it
+
+
+def test_reward_demo_writes_its_report(tmp_path):
+    from prlhf.reward_demo import check_reward_findings, run_reward_demo
+
+    report = run_reward_demo(tmp_path / "rd", n_users=4, unseen_users=2, pairs_per_user=8, n_prompts=20, sft_epochs=1,
+                             num_train_epochs=1, prompts_per_user=1, best_of=2, max_new_tokens=8)
+    saved = json.loads((tmp_path / "rd" / "report.json").read_text())
+    assert set(saved["methods"]) == {"rm_uniform", "prm_individual"} and saved["best_of"] == 2
+    for m in saved["methods"].values():
+        assert set(m["accuracy"]) >= {"seen", "generic", "unseen"} and "unseen" in m["length"]
+    assert saved["methods"]["rm_uniform"]["accuracy"]["seen"] == saved["methods"]["rm_uniform"]["accuracy"]["generic"]
+    picks = [json.loads(line) for line in (tmp_path / "rd" / "best_of_2_prm_individual.jsonl").read_text().splitlines()]
+    assert picks and all(len(p["candidates"]) == 2 for p in picks)
+    assert set(check_reward_findings(report)) >= {"P-RM seen accuracy >= 0.95", "P-RM best-of-n: minority words <= 0.5 x majority"}
