@@ -125,10 +125,14 @@ def check_reward_findings(report: dict) -> dict[str, bool]:
     m, share = report["methods"], report["majority_share"]
     prm, rm = m["prm_individual"], m["rm_uniform"]
     pw, vw = prm["length"], rm["length"]
+    if not all(g in w for w in (pw, vw) for g in ("majority", "minority")):  # a run too small to have both groups
+        pw = vw = {"majority": float("nan"), "minority": float("nan")}  # the length findings cannot hold
     return {
         "P-RM seen accuracy >= 0.95": prm["accuracy"]["seen"] >= 0.95,
         "vanilla RM seen accuracy within 0.10 of majority_share": abs(rm["accuracy"]["seen"] - share) <= 0.10,
-        "P-RM unseen accuracy within 0.10 of the vanilla RM's": abs(prm["accuracy"]["unseen"] - rm["accuracy"]["unseen"]) <= 0.10,
+        "P-RM unseen accuracy within 0.10 of the vanilla RM's": (
+            None not in (prm["accuracy"]["unseen"], rm["accuracy"]["unseen"])
+            and abs(prm["accuracy"]["unseen"] - rm["accuracy"]["unseen"]) <= 0.10),
         "P-RM best-of-n: minority words <= 0.5 x majority": pw["minority"] <= 0.5 * pw["majority"],
         "vanilla RM best-of-n: minority words >= 0.85 x majority": vw["minority"] >= 0.85 * vw["majority"],
     }
