@@ -39,15 +39,14 @@ def model_card(config, n_users: int, n_user_texts: int = 0, training: dict | Non
         lines += ["", "## Last training metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     if reward:
-        lines += ["", "## Use", "", "```python", "from prlhf.reward import PersonalizedRewardModel", "",
-                  "rm = PersonalizedRewardModel.from_pretrained(\"<this folder>\")",
-                  "print(rm.score([\"Your prompt\"], [\"A response\"], user_ids=[\"<a user id>\"]))", "```", "",
-                  "or `prlhf rm score --model <this folder> --input rows.jsonl --output scored.jsonl`; `users.json` lists "
-                  "the users, `manifest.json` the SHA-256 of every file.", ""]
-        return "\n".join(lines)
-    lines += ["", "## Use", "", "```python", "from prlhf import PersonalizedLM", "",
-              "model = PersonalizedLM.from_pretrained(\"<this folder>\")",
-              "print(model.generate([\"Your prompt\"], user_ids=[\"<a user id>\"])[0])", "```", "",
-              "or `prlhf generate --model <this folder> --user <id> --prompt ...`; `users.json` lists the users, "
-              "`manifest.json` the SHA-256 of every file.", ""]
+        code = ["from prlhf.reward import PersonalizedRewardModel", "",
+                "rm = PersonalizedRewardModel.from_pretrained(\"<this folder>\")",
+                "print(rm.score([\"Your prompt\"], [\"A response\"], user_ids=[\"<a user id>\"]))"]
+        command = "prlhf rm score --model <this folder> --input rows.jsonl --output scored.jsonl"
+    else:
+        code = ["from prlhf import PersonalizedLM", "", "model = PersonalizedLM.from_pretrained(\"<this folder>\")",
+                "print(model.generate([\"Your prompt\"], user_ids=[\"<a user id>\"])[0])"]
+        command = "prlhf generate --model <this folder> --user <id> --prompt ..."
+    lines += ["", "## Use", "", "```python", *code, "```", "",
+              f"or `{command}`; `users.json` lists the users, `manifest.json` the SHA-256 of every file.", ""]
     return "\n".join(lines)

@@ -105,16 +105,21 @@ def _resume_arg(cfg):
     return True if str(r).lower() in ("true", "last", "yes") else r
 
 
+def _train_and_save(trainer, what: str):
+    """Train (resuming when the config says so), save the final model, say where."""
+    trainer.train(resume_from_checkpoint=_resume_arg(trainer.args))
+    trainer.save_model()
+    if trainer.args.should_save:
+        print(f"saved the {what} to {trainer.args.output_dir}")
+    return trainer
+
+
 def cmd_train(argv: list[str]) -> int:
     from .config import PDPOConfig
     from .trainer import PDPOTrainer
 
     cfg = parse_config(PDPOConfig, argv)
-    trainer = PDPOTrainer(args=cfg)
-    trainer.train(resume_from_checkpoint=_resume_arg(cfg))
-    trainer.save_model()
-    if trainer.args.should_save:
-        print(f"saved the personalized model to {cfg.output_dir}")
+    trainer = _train_and_save(PDPOTrainer(args=cfg), "personalized model")
     if cfg.push_to_hub and trainer.args.should_save:
         repo = cfg.hub_model_id or Path(cfg.output_dir).name
         url = trainer.accelerator.unwrap_model(trainer.model).push_to_hub(repo, private=cfg.hub_private_repo,
@@ -638,12 +643,7 @@ def cmd_rm(argv: list[str]) -> int:
 def _rm_train(argv: list[str]) -> int:
     from .reward import PRMConfig, PRMTrainer
 
-    cfg = parse_config(PRMConfig, argv)
-    trainer = PRMTrainer(args=cfg)
-    trainer.train(resume_from_checkpoint=_resume_arg(cfg))
-    trainer.save_model()
-    if trainer.args.should_save:
-        print(f"saved the personalized reward model to {cfg.output_dir}")
+    _train_and_save(PRMTrainer(args=parse_config(PRMConfig, argv)), "personalized reward model")
     return 0
 
 

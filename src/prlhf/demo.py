@@ -54,6 +54,15 @@ def _common_args(seed: int) -> dict:
                 max_length=128, max_prompt_length=32, per_device_train_batch_size=16, dataloader_num_workers=0)
 
 
+def train_sft(output_dir: Path, data_dir: Path, seed: int, epochs: float) -> str:
+    """The demo's SFT step: tiny-llama on prompt -> chosen of ``data_dir/train.jsonl``; returns its folder."""
+    sft = PSFTTrainer(args=PSFTConfig(model_name_or_path="tiny-llama", output_dir=str(output_dir),
+                                      train_file=str(data_dir / "train.jsonl"), learning_rate=3e-3,
+                                      num_train_epochs=epochs, **_common_args(seed)))
+    use_compact_progress(sft).train()
+    return sft.save_final()
+
+
 def majority_share(records: list[dict]) -> float:
     """Share of pairs whose label agrees with the majority's preference (chosen is the longer)."""
     agree = [len(str(r["chosen"]).split()) > len(str(r["rejected"]).split()) for r in records]
@@ -162,12 +171,7 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
     matcher = build_matcher(load_preference_data(data_dir / "train.jsonl"), groups)
 
     step("SFT: prompt -> chosen, no user input (pi_SFT, the reference of every method)")
-    sft = PSFTTrainer(args=PSFTConfig(model_name_or_path="tiny-llama", output_dir=str(out / "sft"),
-                                      train_file=str(data_dir / "train.jsonl"), learning_rate=3e-3,
-                                      num_train_epochs=sft_epochs, **_common_args(seed)))
-    use_compact_progress(sft).train()
-    sft_dir = sft.save_final()
-    del sft
+    sft_dir = train_sft(out / "sft", data_dir, seed, sft_epochs)
     reference, _ = load_model_and_tokenizer(sft_dir)
     reference.eval()
 

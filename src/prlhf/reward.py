@@ -295,9 +295,8 @@ class PRMTrainer(_PreferenceTrainer):
         rm: PersonalizedRewardModel = self.accelerator.unwrap_model(model)
         user_rows = batch["user_rows"]
         B = user_rows.shape[0]
-        um, alpha = rm.user_model, self.args.alpha
-        distinct = um is not None and um.depends_on_user
-        need_user, need_generic = (alpha > 0, alpha < 1) if distinct else (True, False)
+        alpha = self.args.alpha
+        need_user, need_generic = self.terms_needed(rm)
         generic_rows = torch.full_like(user_rows, GENERIC_ROW)
         gen = None
         if need_user and need_generic and self.args.alpha_sampling and model.training:

@@ -21,15 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .config import PSFTConfig
 from .data import load_preference_data
-from .demo import _common_args, majority_share
+from .demo import _common_args, majority_share, train_sft
 from .evaluation import group_of, held_out_prompts, load_user_groups
 from .modeling import PersonalizedLM
 from .report import comparison_table, method_summary, write_report
 from .reward import PersonalizedRewardModel, PRMConfig, PRMTrainer, evaluate_reward_accuracy, rerank, sample_candidates
 from .sources import synthesize, write_conversion
-from .trainer import PSFTTrainer, use_compact_progress
+from .trainer import use_compact_progress
 
 # reward model name -> PRMConfig overrides
 REWARD_MODELS = {"rm_uniform": dict(user_model="uniform"), "prm_individual": dict(user_model="individual")}
@@ -63,12 +62,7 @@ def run_reward_demo(output: str | Path = "outputs/reward_demo", seed: int = 0, b
     share = majority_share(test)
 
     step("SFT: prompt -> chosen (the best-of-n policy and the reward models' backbone)")
-    sft = PSFTTrainer(args=PSFTConfig(model_name_or_path="tiny-llama", output_dir=str(out / "sft"),
-                                      train_file=str(data_dir / "train.jsonl"), learning_rate=3e-3,
-                                      num_train_epochs=sft_epochs, **_common_args(seed)))
-    use_compact_progress(sft).train()
-    sft_dir = sft.save_final()
-    del sft
+    sft_dir = train_sft(out / "sft", data_dir, seed, sft_epochs)
 
     step(f"best-of-{best_of} candidates: {best_of} samples per held-out prompt from the SFT policy, drawn once")
     policy = PersonalizedLM.from_pretrained_or_plain(sft_dir)

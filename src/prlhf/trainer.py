@@ -217,6 +217,15 @@ class _PreferenceTrainer(_ResumableTrainer):
         """(mean loss, metrics with ``_hits`` = (user rows, per-pair hits)) of a collated batch."""
         raise NotImplementedError
 
+    def terms_needed(self, pm, args: PDPOConfig | None = None) -> tuple[bool, bool]:
+        """(user term, generic term) forward passes this step needs: both unless alpha is 1 or 0, or
+        the user model cannot tell users apart (``none``, ``uniform``: the generic term is the user term)."""
+        alpha = (args or self.args).alpha
+        distinct = pm.user_model is not None and pm.user_model.depends_on_user
+        if not distinct:
+            return True, False
+        return alpha > 0, alpha < 1
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.pair_loss(model, inputs)
         self._store("train" if model.training else "eval", metrics)
@@ -432,14 +441,6 @@ class PDPOTrainer(_PreferenceTrainer):
             pm.train(was_training)
 
     # -- the objective ------------------------------------------------------------------------
-
-    def terms_needed(self, pm: PersonalizedLM, args: PDPOConfig | None = None) -> tuple[bool, bool]:
-        """(user term, generic term) forward passes this step needs."""
-        alpha = (args or self.args).alpha
-        distinct = pm.user_model is not None and pm.user_model.depends_on_user
-        if not distinct:
-            return True, False  # the generic term equals the user term
-        return alpha > 0, alpha < 1
 
     def packed_terms(self, pm: PersonalizedLM, args: PDPOConfig) -> int:
         """Terms per packed row: 2 when both terms run on one prompt (``user_position:
