@@ -67,6 +67,12 @@ SYSTEMS = {
     "pdpo_no_packing": dict(alpha=0.5, packing=False),
     "pdpo_full_logits": dict(alpha=0.5, response_logits_only=False),
     "pdpo_step_reference": dict(alpha=0.5, precompute_ref_log_probs=False),
+    # LoRA: reference log-probs from the base (adapters off), precomputed for every pair or at each pair's first visit
+    "pdpo_lora": dict(alpha=0.5, use_lora=True),
+    "pdpo_lora_lazy_reference": dict(alpha=0.5, use_lora=True, lazy_reference=True),
+    # SFT on prompt -> chosen (one sequence per comparison): the LM head at response positions only, or everywhere
+    "sft": dict(response_logits_only=True),
+    "sft_full_logits": dict(response_logits_only=False),
 }
 SHARED_TLDR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tldr" / "comparisons_batch13.jsonl"
 WORDS = ("the a my we they she he it and but so because when after before about really just very time day week "
@@ -183,6 +189,17 @@ def _build(name: str, model_name: str, records: list[dict], batch_size: int, max
         ref_seconds = sum(spent) / len(records) if precompute else None
         return trainer, (lambda idx: trainer.data_collator([trainer.train_dataset[i] for i in idx])), ref_seconds
 
+    if name.startswith("sft"):
+        from prlhf.config import PSFTConfig
+        from prlhf.trainer import PSFTTrainer
+
+        args = PSFTConfig(output_dir=os.path.join(workdir, name), model_name_or_path=model_name, max_prompt_length=None,
+                          **common, **SYSTEMS[name])
+        trainer = PSFTTrainer(args=args, train_dataset=records)
+        examples = trainer.train_dataset
+        assert len(examples) == len(records), "truncation dropped pairs: raise --max-length"
+        return trainer, (lambda idx: trainer.data_collator([examples[i] for i in idx])), None
+
     from prlhf.config import PDPOConfig
     from prlhf.trainer import PDPOTrainer
 
@@ -192,7 +209,7 @@ def _build(name: str, model_name: str, records: list[dict], batch_size: int, max
     trainer = PDPOTrainer(args=args, train_dataset=records)  # the reference pass runs here (no cache: timed)
     examples = trainer.train_dataset
     assert len(examples) == len(records), "truncation dropped pairs: raise --max-length"
-    ref_seconds = trainer.reference_seconds / len(examples) if args.precompute_ref_log_probs else None
+    ref_seconds = trainer.reference_seconds / len(examples) if args.precompute_ref_log_probs and not args.lazy_reference else None
     return trainer, (lambda idx: trainer.data_collator([examples[i] for i in idx])), ref_seconds
 
 
@@ -262,6 +279,36 @@ def generation_speed(model_name: str, records: list[dict], n: int, new_tokens: i
             "batched_seconds": batched, "sequential_seconds": sequential}
 
 
+def shared_prompt_speed(model_name: str, records: list[dict], n_users: int, new_tokens: int, n_prompts: int = 2) -> dict:
+    """One prompt for many users (``user_position: before_response``): each prompt's KV cache computed
+    once and shared by its users' rows, against the plain batch that runs the prompt in every row."""
+    import torch
+
+    from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+    from prlhf.users import UserRegistry
+
+    users = [f"user_{i}" for i in range(n_users)]
+    model = PersonalizedLM.build(PersonalizationConfig(model_name, user_model="individual", n_user_tokens=10,
+                                                       user_position="before_response", user_offset_init="vocab"),
+                                 UserRegistry(users))
+    model.eval()
+    prompts = [r["prompt"] for r in records[:n_prompts]]
+    rows = [(p, u) for p in prompts for u in users]
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    out, seconds = {}, {}
+    with torch.no_grad():
+        model.generate(prompts[:1] * 2, users[:2], max_new_tokens=2)  # warm-up
+        for mode, share in (("plain", False), ("shared", True)):
+            start = time.perf_counter()
+            out[mode] = model.generate([p for p, _ in rows], [u for _, u in rows], share_prompt_cache=share, **kw)
+            seconds[mode] = time.perf_counter() - start
+    total = len(rows) * new_tokens
+    return {"prompts": len(prompts), "users_per_prompt": n_users, "new_tokens_each": new_tokens,
+            "plain_seconds": seconds["plain"], "shared_seconds": seconds["shared"],
+            "plain_tokens_per_second": total / seconds["plain"], "shared_tokens_per_second": total / seconds["shared"],
+            "same_text": out["plain"] == out["shared"]}
+
+
 # -- main ---------------------------------------------------------------------------------------------
 
 
@@ -282,6 +329,8 @@ def main(argv=None) -> dict:
     p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--generation-prompts", type=int, default=8)
     p.add_argument("--generation-tokens", type=int, default=32)
+    p.add_argument("--shared-prompt-users", type=int, default=8,
+                   help="users per prompt in the shared-prompt generation measurement (0: skip it)")
     a = p.parse_args(argv)
 
     from prlhf.models import load_model_and_tokenizer
@@ -369,6 +418,9 @@ def main(argv=None) -> dict:
 
     if a.generation:
         result["generation"] = generation_speed(a.model, records, a.generation_prompts, a.generation_tokens)
+        if a.shared_prompt_users:
+            result["generation"]["shared_prompt"] = shared_prompt_speed(a.model, records, a.shared_prompt_users,
+                                                                        a.generation_tokens)
 
     lines = ["| system | s / comparison | vs trl_dpo | vs trl_dpo_precompute | peak RSS (MB) | "
              "reference pass (s / comparison, once) |", "|---|---|---|---|---|---|"]
@@ -385,6 +437,11 @@ def main(argv=None) -> dict:
         g = result["generation"]
         print(f"generation ({g['prompts']} prompts, {g['users']} users, {g['new_tokens_each']} new tokens each): batched "
               f"{g['batched_tokens_per_second']:.1f} tokens/s, one at a time {g['sequential_tokens_per_second']:.1f} tokens/s")
+        if "shared_prompt" in g:
+            sp = g["shared_prompt"]
+            print(f"one prompt for {sp['users_per_prompt']} users (before_response, {sp['prompts']} prompts): prompt cache "
+                  f"shared {sp['shared_seconds']:.2f}s, plain {sp['plain_seconds']:.2f}s "
+                  f"({sp['plain_seconds'] / sp['shared_seconds']:.2f}x), same text: {sp['same_text']}")
     result["table"] = "\n".join(lines)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=1))

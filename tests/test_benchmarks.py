@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,6 +27,8 @@ def test_step_speed_writes_the_json_contract(tmp_path):
     assert all(isinstance(v, float) for v in result["tokens"].values())
     assert set(result["tokens"]) == {"prompt", "response"} and result["tokens"]["prompt"] > 0
     assert result["generation"]["batched_tokens_per_second"] > 0
+    shared = result["generation"]["shared_prompt"]  # one prompt's KV cache shared by its users' rows
+    assert shared["same_text"] and shared["shared_seconds"] > 0 and shared["users_per_prompt"] == 8
     # the reference pass is timed for the systems that precompute it, and only for them
     assert set(result["reference_seconds_per_comparison"]) == systems - {"trl_dpo", "official_scheme"}
     assert all(v > 0 for v in result["reference_seconds_per_comparison"].values())
@@ -37,6 +41,25 @@ def test_step_speed_writes_the_json_contract(tmp_path):
     # the headline: every prlhf system against TRL at its best
     assert result["trl_best"] in ("trl_dpo", "trl_dpo_precompute")
     assert set(result["vs_trl_best"]) == systems - {"trl_dpo", "trl_dpo_precompute"}
+
+
+def test_step_speed_sft_and_lazy_reference_systems(tmp_path):
+    """The SFT head at response positions only, and LoRA's reference at first visit, each against
+    its plain counterpart: the same loss on the same batches, timed side by side."""
+    out = tmp_path / "speed.json"
+    systems = ["sft", "sft_full_logits", "pdpo_lora", "pdpo_lora_lazy_reference"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--model", "tiny-llama", "--json", str(out),
+           "--batch-size", "2", "--steps", "2", "--warmup", "0", "--prompt-tokens", "40", "--response-tokens", "20",
+           "--data", "synthetic", "--no-generation", "--systems", *systems]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["seconds_per_comparison"]) == set(systems)
+    loss = result["losses"]
+    assert loss["sft"] == pytest.approx(loss["sft_full_logits"], abs=1e-5) and loss["sft"][0] > 1.0  # token NLL
+    assert loss["pdpo_lora"] == pytest.approx(loss["pdpo_lora_lazy_reference"], abs=1e-5)
+    # precomputed: the reference pass is timed once; lazy: inside the steps that first visit each pair
+    assert set(result["reference_seconds_per_comparison"]) == {"pdpo_lora"}
 
 
 def test_adapt_speed_writes_the_json_contract(tmp_path):
@@ -53,8 +76,6 @@ def test_adapt_speed_writes_the_json_contract(tmp_path):
 
 
 def test_serve_load_runs_bounded_on_loopback(tmp_path):
-    import pytest
-
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     out = tmp_path / "load.json"

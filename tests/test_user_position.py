@@ -131,3 +131,33 @@ def test_generation_continues_after_the_user_tokens():
         logits = model(batch["input_ids"], batch["attention_mask"], batch["implicit_mask"], batch["user_rows"])
     first = model.generate_ids(batch, max_new_tokens=1, do_sample=False)[0, 0].item()
     assert first == logits[0, -1].argmax().item()
+
+
+def test_shared_prompt_cache_gives_the_plain_generations():
+    """A prompt asked for several users runs once; its KV cache is shared by the users' rows, whose
+    user parts (slots + user text of different lengths) are padded on their own: the same tokens
+    as one plain left-padded generate() per batch."""
+    model = model_for(max_user_text_tokens=8)
+    model.eval()
+    prompts = ["Q: the dog\nA:", "Q: a much longer question about the cat\nA:", "Q: the dog\nA:", "Q: the dog\nA:", "Q: x\nA:"]
+    users = ["a", "b", None, "c", "a"]
+    texts = [None, "likes brevity", "a generic reader with long text here", None, "x"]
+    assert model.shares_prompts(prompts) and not model.shares_prompts(prompts[1:2] + prompts[4:])
+    shared = model.prepare_prompts(prompts, users, texts, share_prompts=True)
+    assert shared["prompt_rows"].tolist() == [0, 1, 0, 0, 2]
+    kw = dict(max_new_tokens=6, do_sample=False)
+    plain = model.generate_ids(model.prepare_prompts(prompts, users, texts), **kw)
+    assert torch.equal(model.generate_ids(shared, **kw), plain)
+    assert model.generate(prompts, users, texts, **kw) == model.generate(prompts, users, texts, share_prompt_cache=False, **kw)
+    with torch.no_grad():  # the first step's logits, to the float tolerance of a differently padded batch
+        embeds = model.embed(shared["input_ids"], shared["implicit_mask"], shared["user_rows"])
+        cache = model.prefill_prompts(shared, embeds)
+        w = shared["prompt_width"]
+        from prlhf.modeling import cache_kwarg, position_ids_from_mask
+        out = model.llm(inputs_embeds=embeds[:, w:], attention_mask=shared["attention_mask"],
+                        position_ids=position_ids_from_mask(shared["attention_mask"])[:, w:], **{cache_kwarg(model.llm): cache})
+        batch = model.prepare_prompts(prompts, users, texts)
+        ref = model(batch["input_ids"], batch["attention_mask"], batch["implicit_mask"], batch["user_rows"])
+    assert torch.allclose(out.logits[:, -1], ref[:, -1], atol=1e-5)
+    with pytest.raises(ValueError, match="before_response"):
+        model_for(position="prefix").generate(prompts[:2], users[:2], share_prompt_cache=True)

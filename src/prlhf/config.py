@@ -126,7 +126,8 @@ class PDPOConfig(PrlhfArguments):
                                "optimized: 'dense' (AdamW over the whole table every step: the step's cost grows with "
                                "the number of users), 'lazy' (sparse gradients; Adam moments and updates for the batch's "
                                "rows only, as TF's LazyAdam with AdamW's arithmetic: the cost is flat in the number of users, "
-                               "and rows absent from a batch stay put), 'auto' (lazy from 1,000 users on).")
+                               "and rows absent from a batch stay put; one process only), 'auto' (lazy from 1,000 users on, in "
+                               "one process).")
     user_position: str = _f("prefix", "Where the user tokens sit: 'prefix' (after BOS, before the prompt: the paper's "
                             "layout) or 'before_response' (between the prompt and the response: the prompt is the same "
                             "for every user, so with packing one row holds the prompt once and both P-DPO terms' user "

@@ -22,6 +22,7 @@ all of this live in the tests.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from .guards import NonFiniteError, check_finite  # noqa: F401 - re-exported
 from .models import load_model_and_tokenizer, resolve_device
 from .persistence import (CONFIG_NAME, USER_MODEL_NAME, USERS_NAME, load_personalized,  # noqa: F401 - re-exported
                           load_weights_into, push_personalized, read_config, save_personalized)
-from .scoring import (PACKING_ATTENTION, attention_mask_4d, check_packing_supported, packed_attention,  # noqa: F401
+from .scoring import (PACKING_ATTENTION, attention_mask_4d, cache_kwarg, check_packing_supported, packed_attention,  # noqa: F401
                       packing_refusal, packing_supported, position_ids_from_mask, score_targets, sum_per_sequence,
                       verify_fast_paths)
 from .user_models import ImplicitUserModel, build_user_model, encode_user_text
@@ -63,6 +64,13 @@ class PersonalizationConfig:
     seed: int = 0
     user_position: str = "prefix"  # where the user tokens go: after BOS (the paper's) or before the response
     extra: dict = field(default_factory=dict)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The LLM's decoder-layer classes: what FSDP's transformer auto-wrap (accelerate) makes a
+        unit each; the user model and embeddings stay in the root unit."""
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return list(getattr(base, "_no_split_modules", None) or [])
 
     @property
     def n_implicit_tokens(self) -> int:
@@ -146,6 +154,13 @@ class PersonalizedLM(nn.Module):
         return any(getattr(m, "gradient_checkpointing", False) for m in self.llm.modules())
 
     # -- forward ------------------------------------------------------------------------------
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The LLM's decoder-layer classes: what FSDP's transformer auto-wrap (accelerate) makes a
+        unit each; the user model and embeddings stay in the root unit."""
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return list(getattr(base, "_no_split_modules", None) or [])
 
     @property
     def n_implicit_tokens(self) -> int:
@@ -268,10 +283,17 @@ class PersonalizedLM(nn.Module):
     def user_rows_for(self, user_ids) -> torch.Tensor:
         return torch.tensor([self.registry.row(u) for u in user_ids], dtype=torch.long, device=self.device)
 
-    def prepare_prompts(self, prompts: list, user_ids: list, user_texts: list | None = None) -> dict:
-        """Left-padded generation inputs: ``[BOS] [slots] [user text] [prompt]`` per row.
+    def prepare_prompts(self, prompts: list, user_ids: list, user_texts: list | None = None,
+                        share_prompts: bool = False) -> dict:
+        """Left-padded generation inputs: ``[BOS] [slots] [user text] [prompt]`` per row (``prefix``),
+        ``[BOS] [prompt] [slots] [user text]`` with ``before_response``.
 
-        A user's text comes from ``user_texts`` when given, else from the registry (training data)."""
+        A user's text comes from ``user_texts`` when given, else from the registry (training data).
+        ``share_prompts`` (``before_response`` only): rows are laid out as ``[their prompt, left-padded
+        to the longest distinct prompt] [their user part, left-padded]``, with ``prompt_rows`` (N,)
+        the index of each row's distinct prompt and ``prompt_width`` the prompt columns, so that the
+        KV cache of each distinct prompt is computed once for all its users (``prefill_prompts``).
+        Positions follow the attention mask, so a row's logits are those of the plain layout."""
         tok, cfg = self.tokenizer, self.prlhf_config
         if cfg.user_position == "after_response":
             raise ValueError("this model reads the user after the response (a reward model's layout): it cannot generate")
@@ -284,9 +306,49 @@ class PersonalizedLM(nn.Module):
             prompt_ids = tokenize_prompt(tok, with_user_id(prompt, uid, cfg.user_id_prompt))
             seqs.append(build_sequence(prompt_ids, [], text_ids, self.n_implicit_tokens, tok.bos_token_id, tok.pad_token_id,
                                        cfg.user_position))
-        batch = {k: v.to(self.device) for k, v in collate_sequences(seqs, tok.pad_token_id, "left").items()}
+        if share_prompts:
+            if cfg.user_position != "before_response":
+                raise ValueError("prompts can be shared across users only with user_position 'before_response'")
+            batch = self._collate_shared(seqs)
+        else:
+            batch = collate_sequences(seqs, tok.pad_token_id, "left")
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch["user_rows"] = self.user_rows_for(user_ids)
         return batch
+
+    def _collate_shared(self, seqs: list[tuple]) -> dict:
+        """``[distinct prompt][user part]`` rows, each part left-padded on its own (see ``prepare_prompts``)."""
+        pad = self.tokenizer.pad_token_id
+        distinct: dict[tuple, int] = {}
+        prompt_rows, prompt_parts, user_parts = [], [], []
+        for seq in seqs:
+            at = seq[3].index(True) if True in seq[3] else len(seq[0])  # where the user part begins
+            key = tuple(seq[0][:at])
+            if key not in distinct:
+                distinct[key] = len(distinct)
+                prompt_parts.append(tuple(part[:at] for part in seq))
+            prompt_rows.append(distinct[key])
+            user_parts.append(tuple(part[at:] for part in seq))
+        if min(len(u[0]) for u in user_parts) == 0:
+            raise ValueError("every row needs user tokens to share its prompt's cache (this model has none)")
+        prompts = collate_sequences(prompt_parts, pad, "left")
+        users = collate_sequences(user_parts, pad, "left")
+        rows = torch.tensor(prompt_rows)
+        batch = {k: torch.cat([prompts[k][rows], users[k]], dim=1) for k in users}
+        batch.update(prompt_rows=rows, prompt_width=prompts["input_ids"].shape[1])
+        return batch
+
+    def prefill_prompts(self, batch: dict, embeds: torch.Tensor):
+        """The KV cache of a ``share_prompts`` batch's prompt columns: each distinct prompt run once,
+        then its cache rows repeated for its users. Returns the cache (a transformers ``Cache``)."""
+        rows, width = batch["prompt_rows"], batch["prompt_width"]
+        first = torch.tensor([int((rows == k).nonzero()[0]) for k in range(int(rows.max()) + 1)], device=rows.device)
+        mask = batch["attention_mask"][first, :width]
+        out = self.llm(inputs_embeds=embeds[first, :width], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                       use_cache=True, logits_to_keep=1)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache.batch_select_indices(rows)
+        return cache
 
     @torch.no_grad()
     def prompt_embeds(self, prompt, user_id: str | None = None, user_text: str | None = None) -> torch.Tensor:
@@ -308,15 +370,31 @@ class PersonalizedLM(nn.Module):
             return self.llm
         return copy.deepcopy(self.llm).merge_and_unload()
 
+    def shares_prompts(self, prompts: list, share_prompt_cache: bool | None = None) -> bool:
+        """Whether ``generate`` runs each distinct prompt once for all its users: with
+        ``user_position: before_response`` and user tokens, when some prompt repeats
+        (``share_prompt_cache`` None), or as forced (True: an error where the layout cannot)."""
+        if share_prompt_cache is False:
+            return False
+        can = self.prlhf_config.user_position == "before_response" and self.n_implicit_tokens > 0
+        if share_prompt_cache and not can:
+            raise ValueError("share_prompt_cache needs user_position 'before_response' and a user model with user tokens")
+        distinct = {json.dumps(p, sort_keys=True) if not isinstance(p, str) else p for p in prompts}
+        return can and (bool(share_prompt_cache) or len(distinct) < len(prompts))
+
     @torch.no_grad()
     def generate(self, prompts: list, user_ids: list | None = None, user_texts: list | None = None,
-                 skip_special_tokens: bool = True, **generate_kwargs) -> list[str]:
+                 skip_special_tokens: bool = True, share_prompt_cache: bool | None = None, **generate_kwargs) -> list[str]:
         """Responses for a batch of prompts, each for its own user (``None``/unknown: the generic
-        user), in one ``generate()`` call with the KV cache."""
+        user), in one ``generate()`` call with the KV cache. With ``user_position: before_response``
+        a prompt asked for several users is run once and its KV cache shared (``shares_prompts``)."""
         user_ids = list(user_ids) if user_ids is not None else [None] * len(prompts)
         if len(user_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(user_ids)} user ids")
-        ids = self.generate_ids(self.prepare_prompts(prompts, user_ids, user_texts), **generate_kwargs)
+        if generate_kwargs.get("num_return_sequences", 1) > 1 or generate_kwargs.get("num_beams", 1) > 1:
+            share_prompt_cache = False  # generate() would expand the rows but not a cache given to it
+        batch = self.prepare_prompts(prompts, user_ids, user_texts, self.shares_prompts(prompts, share_prompt_cache))
+        ids = self.generate_ids(batch, **generate_kwargs)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 
     @torch.no_grad()
@@ -328,6 +406,8 @@ class PersonalizedLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            if "prompt_rows" in batch:  # the prompts' cache computed once; generate() runs the user parts on it
+                generate_kwargs[cache_kwarg(self.llm)] = self.prefill_prompts(batch, embeds)
             out = self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **generate_kwargs)
         finally:
             self.train(was_training)

@@ -41,15 +41,26 @@ def save_personalized(model: PersonalizedLM, save_directory: str | os.PathLike, 
     registry, ``prlhf_config.json``, ``extra_files`` ({name: text}), ``extra_tensors`` ({file name:
     {tensor name: tensor}}, as safetensors: e.g. a reward head) and ``manifest.json`` (each file's
     SHA-256) as one folder, atomically: a kill leaves the old folder or the new one. Non-finite
-    weights are refused (``NonFiniteError``), never written."""
-    check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, f"the weights to save in {save_directory}")
+    weights are refused (``NonFiniteError``), never written.
+
+    ``state_dict``: the model's full state dict (keys ``llm.*`` and ``user_model.*``) to write
+    instead of the parameters held by ``model``: what a sharded run (FSDP, DeepSpeed ZeRO-3)
+    gathers, where each process holds only its shard."""
+    if state_dict is None:
+        check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, f"the weights to save in {save_directory}")
+        llm_state, user_state = None, model.user_model.state_dict() if model.user_model is not None else {}
+    else:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        check_finite({n: v for n, v in state_dict.items() if n in trainable}, f"the weights to save in {save_directory}")
+        llm_state = {k[len("llm."):]: v for k, v in state_dict.items() if k.startswith("llm.")}
+        user_state = {k[len("user_model."):]: v for k, v in state_dict.items() if k.startswith("user_model.")}
 
     def write(tmp: Path):
-        model.llm.save_pretrained(tmp)
+        model.llm.save_pretrained(tmp, **({"state_dict": llm_state} if llm_state is not None else {}))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         if model.user_model is not None:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in model.user_model.state_dict().items()}
+            tensors = {k: v.detach().cpu().contiguous() for k, v in user_state.items()}
             save_file(tensors, str(tmp / USER_MODEL_NAME), metadata={"format": "pt", "kind": model.prlhf_config.user_model})
         model.registry.save(tmp / USERS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(asdict(model.prlhf_config), indent=1))

@@ -189,12 +189,15 @@ class PersonalizedRewardModel(nn.Module):
     # -- save / load ------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike, extra_files: dict[str, str] | None = None,
-                        card_training: dict | None = None, card_metrics: dict | None = None) -> None:
+                        card_training: dict | None = None, card_metrics: dict | None = None,
+                        state_dict: dict | None = None) -> None:
         """The policy's folder (``PersonalizedLM.save_pretrained``, atomic, with a manifest) plus
-        ``reward_head.safetensors``."""
-        check_finite({"reward head": self.head.weight.detach()}, f"the reward head to save in {directory}")
-        self.plm.save_pretrained(directory, extra_files=extra_files, card_training=card_training,
-                                 card_metrics=card_metrics, extra_tensors={HEAD_NAME: {"weight": self.head.weight}},
+        ``reward_head.safetensors``; ``state_dict``: the full state dict a sharded run gathered."""
+        head = state_dict["head.weight"] if state_dict is not None else self.head.weight
+        check_finite({"reward head": head.detach()}, f"the reward head to save in {directory}")
+        plm_state = {k[len("plm."):]: v for k, v in state_dict.items() if k.startswith("plm.")} if state_dict else None
+        self.plm.save_pretrained(directory, state_dict=plm_state, extra_files=extra_files, card_training=card_training,
+                                 card_metrics=card_metrics, extra_tensors={HEAD_NAME: {"weight": head}},
                                  card_kind="reward")
 
     @staticmethod
@@ -348,6 +351,7 @@ class PRMTrainer(_PreferenceTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
+        state_dict = self.full_state_dict()
         if self.args.should_save:
             a = self.args
             training = {"training data": a.train_file, "steps": self.state.global_step, "alpha": a.alpha,
@@ -355,7 +359,8 @@ class PRMTrainer(_PreferenceTrainer):
                         "center_rewards_coefficient": a.center_rewards_coefficient or None,
                         "learning rate": a.learning_rate, "user learning rate": a.user_learning_rate}
             self.accelerator.unwrap_model(self.model).save_pretrained(
-                output_dir, extra_files={"training_args.json": a.to_json_string()}, card_training=training)
+                output_dir, extra_files={"training_args.json": a.to_json_string()}, card_training=training,
+                state_dict=state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.accelerator.unwrap_model(model or self.model).load_weights_from(resume_from_checkpoint)

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from .scoring import cache_kwarg
+
 
 @dataclass
 class SamplingParams:
@@ -90,14 +92,6 @@ def _release(row: _Row, text: str, final: bool) -> None:
         row.sent = upto
 
 
-def _cache_kwarg(llm) -> str:
-    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    import inspect
-
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def generate_rows(model, prompts: list, user_ids: list, user_texts: list | None, params: list[SamplingParams],
                   on_text: list[Callable[[str], None] | None] | None = None,
@@ -138,7 +132,7 @@ def generate_rows(model, prompts: list, user_ids: list, user_texts: list | None,
             embeds, mask, position = embeds[idx], mask[idx], position[idx]
             live = keep
         out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
-        cache_arg = _cache_kwarg(llm)
+        cache_arg = cache_kwarg(llm)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         last_pos = position[:, -1:]
         while True:

@@ -218,3 +218,12 @@ def verify_fast_paths(model: "PersonalizedLM", data: list[dict], packing: bool =
             return (f"{setting}=True gives log-probs that differ from the plain layout with full logits by {diff:.3g} "
                     f"on this {kind} model (checked on {len(examples)} pairs at start-up); train with {setting}=False")
     return None
+
+
+def cache_kwarg(llm) -> str:
+    """The forward / generate argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values``."""
+    import inspect
+
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

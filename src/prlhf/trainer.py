@@ -150,16 +150,49 @@ def personalization_config(args: PDPOConfig) -> PersonalizationConfig:
     )
 
 
+def check_sharding(accelerator, args) -> None:
+    """FSDP or DeepSpeed asked for (``--fsdp`` / ``--deepspeed``, or an ``accelerate launch``
+    config) but not what accelerate runs: an error, instead of a silent data-parallel run that
+    keeps a full copy of the model in every process. accelerate shards with FSDP and DeepSpeed on
+    GPUs (and other accelerators); on CPUs it runs data parallel (DDP over gloo) and ignores both."""
+    from accelerate.utils import DistributedType
+
+    env = lambda k: os.environ.get(k, "false").lower() == "true"  # noqa: E731
+    asked = {"FSDP": (bool(getattr(args, "fsdp", None)) or env("ACCELERATE_USE_FSDP"), DistributedType.FSDP),
+             "DeepSpeed": (bool(getattr(args, "deepspeed", None)) or env("ACCELERATE_USE_DEEPSPEED"), DistributedType.DEEPSPEED)}
+    running = accelerator.distributed_type
+    for name, (wanted, kind) in asked.items():
+        if wanted and running != kind:
+            raise ValueError(
+                f"{name} was asked for, but accelerate runs this job as {running.value}"
+                + (" (CPUs: accelerate shards with FSDP and DeepSpeed on GPUs only, and would train data-parallel with a "
+                   "full copy of the model in every process)" if args.use_cpu or not torch.cuda.is_available() else "")
+                + f". Remove the {name} settings to train data-parallel (on CPUs: `accelerate launch --multi_gpu "
+                  "--num_processes N ...`, gloo), or run on GPUs; the configs are in docs/performance.md.")
+
+
 class _ResumableTrainer(Trainer):
     """Resuming picks the newest complete checkpoint; weights are restored by the model's own loader.
     Non-finite losses, gradients and weights stop training (``FiniteGuard``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        check_sharding(self.accelerator, self.args)
         self.add_callback(FiniteGuard())
 
     def _registry(self) -> UserRegistry | None:
         return None
+
+    def sharded(self) -> bool:
+        """Whether each process holds only a shard of the weights (FSDP, DeepSpeed)."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's state dict gathered from the shards (every process must call it), or
+        None when each process holds the whole model."""
+        return self.accelerator.get_state_dict(self.model) if self.sharded() else None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint is True:
@@ -167,6 +200,10 @@ class _ResumableTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-N folder")
         if resume_from_checkpoint:
+            if self.sharded():
+                raise ValueError(f"resuming from {resume_from_checkpoint}: checkpoints of a sharded run (FSDP, DeepSpeed) "
+                                 "hold the gathered weights, which prlhf does not load back into shards; start a new run "
+                                 "from the saved model folder (model_name_or_path), or resume without sharding")
             check_checkpoint(resume_from_checkpoint, self._registry())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
@@ -281,7 +318,11 @@ class _PreferenceTrainer(_ResumableTrainer):
             return None
         table = getattr(um, um.per_user_param)
         mode = self.args.user_rows_update
-        lazy = mode == "lazy" or (mode == "auto" and um.n_rows - 1 >= LAZY_ROWS_FROM)
+        if mode == "lazy" and self.args.world_size > 1:
+            raise ValueError(f"user_rows_update 'lazy' runs in one process only ({self.args.world_size} here): the per-user "
+                             "rows' sparse gradients are not all-reduced by every backend; use 'dense' (or 'auto')")
+        # auto: lazy from LAZY_ROWS_FROM users, in one process
+        lazy = mode == "lazy" or (mode == "auto" and um.n_rows - 1 >= LAZY_ROWS_FROM and self.args.world_size == 1)
         return table if lazy and table.requires_grad else None
 
     def create_optimizer(self, model=None):
@@ -584,6 +625,7 @@ class PDPOTrainer(_PreferenceTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save with ``PersonalizedLM.save_pretrained`` (base or adapter, user model, registry, config)."""
         output_dir = output_dir or self.args.output_dir
+        state_dict = self.full_state_dict()
         if self.args.should_save:
             a = self.args
             training = {"training data": a.train_file, "steps": self.state.global_step, "beta": a.beta, "alpha": a.alpha,
@@ -592,8 +634,8 @@ class PDPOTrainer(_PreferenceTrainer):
             logged = {k: v for entry in self.state.log_history[-2:] for k, v in entry.items()
                       if isinstance(v, (int, float)) and not k.startswith("rewards/accuracies_user/")}
             self.accelerator.unwrap_model(self.model).save_pretrained(
-                output_dir, extra_files={"training_args.json": a.to_json_string()}, card_training=training,
-                card_metrics=logged or None)
+                output_dir, state_dict=state_dict, extra_files={"training_args.json": a.to_json_string()},
+                card_training=training, card_metrics=logged or None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.accelerator.unwrap_model(model or self.model).load_weights_from(resume_from_checkpoint)
@@ -632,17 +674,22 @@ class PSFTTrainer(_ResumableTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints and saves as whole folders, atomically, with ``manifest.json``."""
         output_dir = output_dir or self.args.output_dir
+        state_dict = self.full_state_dict()
         if self.args.should_save:
-            check_finite({n: p for n, p in self.model.named_parameters() if p.requires_grad}, f"the weights to save in {output_dir}")
-            save_folder(output_dir, lambda tmp: Trainer._save(self, str(tmp)))
+            weights = state_dict if state_dict is not None else dict(self.model.named_parameters())
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            check_finite({n: p for n, p in weights.items() if n in trainable}, f"the weights to save in {output_dir}")
+            save_folder(output_dir, lambda tmp: Trainer._save(self, str(tmp), state_dict=state_dict))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Mean token NLL of the chosen responses. Training applies the LM head at the response
         positions only (``response_logits_only``); evaluation, which returns logits, at every position."""
         mask = inputs["attention_mask"]
         labels = inputs["labels"][:, 1:]
-        if self.args.response_logits_only and not return_outputs:
-            llm = self.accelerator.unwrap_model(model)
+        llm = self.accelerator.unwrap_model(model)
+        # the head at response positions calls the model's parts, not its forward: only where no distributed wrapper
+        # (DDP) or sharding (FSDP, DeepSpeed) needs the forward call
+        if self.args.response_logits_only and not return_outputs and model is llm and not self.sharded():
             T = inputs["input_ids"].shape[1]
             rows, cols = (labels != -100).nonzero(as_tuple=True)  # position (row, col) predicts labels[row, col]
             token_logps = score_targets(llm, llm.get_input_embeddings()(inputs["input_ids"]), {"attention_mask": mask},
@@ -657,13 +704,18 @@ class PSFTTrainer(_ResumableTrainer):
         """Save pi_SFT as a plain model folder (LoRA adapters merged), usable as ``model_name_or_path``."""
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
+        state_dict = self.full_state_dict()
+        if state_dict is not None and hasattr(model, "merge_and_unload"):
+            raise ValueError(f"saving {output_dir}: merging the LoRA adapters of a sharded run (FSDP, DeepSpeed) is not "
+                             "supported; train pi_SFT without LoRA when sharding, or without sharding")
         if self.args.should_save:
             if hasattr(model, "merge_and_unload"):
                 model = copy.deepcopy(model).merge_and_unload()
-            check_finite(dict(model.named_parameters()), f"the weights to save in {output_dir}")
+            check_finite(state_dict if state_dict is not None else dict(model.named_parameters()),
+                         f"the weights to save in {output_dir}")
 
             def write(tmp: Path) -> None:
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
                 self.processing_class.save_pretrained(tmp)
                 (tmp / "training_args.json").write_text(self.args.to_json_string())
 
