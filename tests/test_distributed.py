@@ -96,7 +96,7 @@ def test_accelerate_configs_load(name, kind):
 
 def test_fsdp_auto_wrap_finds_the_decoder_layers():
     """accelerate's transformer auto-wrap reads _no_split_modules: a unit per decoder layer of the LLM."""
-    from accelerate.utils import get_module_class_from_name
+    from accelerate.utils.dataclasses import get_module_class_from_name
     from conftest import build_model
 
     model = build_model()

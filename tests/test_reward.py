@@ -195,6 +195,24 @@ def test_save_load_and_resume(tmp_path):
     assert loaded.score(prompts, responses, users) == pytest.approx(full.model.score(prompts, responses, users), abs=1e-5)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_save_writes_a_given_state_dict(tmp_path, lora):
+    """A sharded run (FSDP, DeepSpeed) passes the weights it gathered from the shards: those are the
+    ones written (LLM or LoRA adapter, user model, head), not the module's own."""
+    model = reward_model(use_lora=lora)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    changed = [k for k, v in state.items() if k.startswith("head.") or "user_model" in k or ("lora_B" in k if lora else
+                                                                                             "layers.0.mlp" in k)]
+    for k in changed:
+        state[k] += 0.25
+    model.save_pretrained(tmp_path / "rm", state_dict=state)
+    loaded = PersonalizedRewardModel.from_pretrained(tmp_path / "rm").state_dict()
+    assert len(changed) >= 3 and {k for k in changed if k in loaded} == set(changed)
+    for k in changed:
+        assert torch.allclose(loaded[k], state[k]), k
+        assert not torch.allclose(loaded[k], model.state_dict()[k]), k
+
+
 def test_a_policy_folder_is_not_a_reward_model(tmp_path):
     build_model("individual").save_pretrained(tmp_path / "policy")
     with pytest.raises(FileNotFoundError, match="not a reward model"):

@@ -66,13 +66,6 @@ class PersonalizationConfig:
     extra: dict = field(default_factory=dict)
 
     @property
-    def _no_split_modules(self) -> list[str]:
-        """The LLM's decoder-layer classes: what FSDP's transformer auto-wrap (accelerate) makes a
-        unit each; the user model and embeddings stay in the root unit."""
-        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        return list(getattr(base, "_no_split_modules", None) or [])
-
-    @property
     def n_implicit_tokens(self) -> int:
         return 0 if self.user_model == "none" else self.n_user_tokens
 
