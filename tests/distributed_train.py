@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import torch
+
 from conftest import two_user_records
 from prlhf.config import PDPOConfig
 from prlhf.trainer import PDPOTrainer
@@ -21,3 +23,6 @@ if __name__ == "__main__":
         json.dump({"world_size": trainer.args.world_size,
                    "loss": [h["loss"] for h in history],
                    "accuracy": [h["rewards/accuracies"] for h in history]}, open(out, "w"))
+    if torch.distributed.is_initialized():  # a clean gloo shutdown (exiting with it alive can abort a process)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
