@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from prlhf.storage import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 TLDR = ROOT.parent / "shared" / "data" / "tldr" / "comparisons_batch13.jsonl"
 
@@ -127,8 +129,7 @@ def main(argv=None) -> int:
     print(f"| {a.model}{' LoRA' if a.lora else ''} | {a.k} | {a.steps} | {result['seconds_per_user']['together']:.2f} | "
           f"{result['seconds_per_user']['one_at_a_time']:.2f} | {result['reference_seconds_per_user']:.2f} |")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=1))
+        atomic_write_text(a.json, json.dumps(result, indent=1))
         print(f"wrote {a.json}")
     return 0
 

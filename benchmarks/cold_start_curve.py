@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from prlhf.storage import atomic_write_text
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,8 +92,7 @@ def main(argv=None) -> int:
             "runtime_seconds": time.time() - start}
     print("\n" + cold_start_table(cold))
     out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(cold, indent=1))
+    atomic_write_text(out, json.dumps(cold, indent=1))
     plot_cold_start(cold, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} ({cold['runtime_seconds']:.0f} s)")
     return 0

@@ -17,6 +17,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from prlhf.storage import atomic_write_text
+
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -51,8 +53,7 @@ def main(argv=None) -> dict:
         held = sum(out[layout]["findings"].values())
         print(f"{layout}: {held}/{len(out[layout]['findings'])} findings hold; "
               f"{out[layout]['runtime_seconds']:.0f} s")
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=1))
+    atomic_write_text(a.json, json.dumps(out, indent=1))
     print(f"wrote {a.json}")
     return out
 

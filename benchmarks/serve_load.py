@@ -32,6 +32,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from prlhf.storage import atomic_write_text
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -170,8 +172,7 @@ def main(argv=None) -> int:
               f"{ph['tokens_per_second']:.1f} | {ph['latency_p50']:.3f} | {ph['latency_p95']:.3f} |")
     print(f"\nthroughput with {a.clients} clients: {result['speedup']:.2f}x one at a time")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=1))
+        atomic_write_text(a.json, json.dumps(result, indent=1))
         print(f"wrote {a.json}")
     return 0 if sequential["errors"] == 0 and concurrent["errors"] == 0 else 1
 

@@ -53,6 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from prlhf.storage import atomic_write_text
+
 DEFAULT_SYSTEMS = ["trl_dpo", "trl_dpo_precompute", "pdpo_no_user", "pdpo_alpha_0.5", "pdpo_alpha_0.5_before_response",
                    "pdpo_alpha_1", "official_scheme"]
 OFFICIAL = dict(packing=False, precompute_ref_log_probs=False, response_logits_only=False)
@@ -443,8 +445,7 @@ def main(argv=None) -> dict:
                   f"shared {sp['shared_seconds']:.2f}s, plain {sp['plain_seconds']:.2f}s "
                   f"({sp['plain_seconds'] / sp['shared_seconds']:.2f}x), same text: {sp['same_text']}")
     result["table"] = "\n".join(lines)
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(result, indent=1))
+    atomic_write_text(a.json, json.dumps(result, indent=1))
     print(f"wrote {a.json}")
     return result
 

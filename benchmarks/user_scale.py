@@ -29,7 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from prlhf.storage import atomic_write_text
 
 SIZES = {"individual": [10, 1_000, 100_000], "cluster": [10, 1_000, 100_000, 1_000_000]}
 
@@ -147,8 +148,7 @@ def main(argv=None) -> dict:
     print("\n" + result["table"])
     for kind, r in result["ratio_largest_to_smallest"].items():
         print(f"{kind}: step time at {a.sizes[kind][-1]:,d} users / at {a.sizes[kind][0]:,d}: {r:.2f}x")
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(result, indent=1))
+    atomic_write_text(a.json, json.dumps(result, indent=1))
     print(f"wrote {a.json}")
     return result
 

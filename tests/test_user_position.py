@@ -142,7 +142,9 @@ def test_shared_prompt_cache_gives_the_plain_generations():
     prompts = ["Q: the dog\nA:", "Q: a much longer question about the cat\nA:", "Q: the dog\nA:", "Q: the dog\nA:", "Q: x\nA:"]
     users = ["a", "b", None, "c", "a"]
     texts = [None, "likes brevity", "a generic reader with long text here", None, "x"]
-    assert model.shares_prompts(prompts) and not model.shares_prompts(prompts[1:2] + prompts[4:])
+    # automatic (None): shared when a prompt repeats, plain rows when every prompt is distinct
+    assert "prompt_rows" in model.prepare_prompts(prompts, users, texts, share_prompts=None)
+    assert "prompt_rows" not in model.prepare_prompts(prompts[1:2] + prompts[4:], users[1:2] + users[4:], share_prompts=None)
     shared = model.prepare_prompts(prompts, users, texts, share_prompts=True)
     assert shared["prompt_rows"].tolist() == [0, 1, 0, 0, 2]
     kw = dict(max_new_tokens=6, do_sample=False)

@@ -54,6 +54,29 @@ def _common_args(seed: int) -> dict:
                 max_length=128, max_prompt_length=32, per_device_train_batch_size=16, dataloader_num_workers=0)
 
 
+def step_printer():
+    """A progress line printer: ``step(msg)`` prints the seconds since it was made, then ``msg``."""
+    start = time.time()
+
+    def step(msg: str) -> None:
+        print(f"[{time.time() - start:6.1f}s] {msg}", flush=True)
+
+    return step
+
+
+def write_demo_data(out: Path, seed: int, n_users: int, unseen_users: int, n_prompts: int, pairs_per_user: int,
+                    unseen_pairs_per_user: int, with_texts: bool = False):
+    """The demo task's synthetic users (70% prefer long answers, 30% short, plus unseen users)
+    written under ``out/data`` (and, ``with_texts``, the same pairs with every user's profile text
+    under ``out/data_text``). Returns (conversion, data folder, text folder or None)."""
+    synth = dict(n_users=n_users, unseen_users=unseen_users, majority_share=0.7, n_prompts=n_prompts,
+                 pairs_per_user=pairs_per_user, test_fraction=0.2, seed=seed, unseen_pairs_per_user=unseen_pairs_per_user)
+    conv = synthesize(**synth)
+    data_dir = write_conversion(conv, out / "data", overwrite=True)
+    text_dir = write_conversion(synthesize(**synth, user_texts=True), out / "data_text", overwrite=True) if with_texts else None
+    return conv, data_dir, text_dir
+
+
 def train_sft(output_dir: Path, data_dir: Path, seed: int, epochs: float) -> str:
     """The demo's SFT step: tiny-llama on prompt -> chosen of ``data_dir/train.jsonl``; returns its folder."""
     sft = PSFTTrainer(args=PSFTConfig(model_name_or_path="tiny-llama", output_dir=str(output_dir),
@@ -149,19 +172,14 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
              unseen_pairs_per_user: int = 60, **train_overrides) -> dict:
     """Run the demo; ``train_overrides`` change the P-DPO settings of every method (see ``DEMO_TRAINING``)."""
     start = time.time()
+    step = step_printer()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
 
-    def step(msg: str) -> None:
-        print(f"[{time.time() - start:6.1f}s] {msg}", flush=True)
-
     step("data: synthetic users, 70% prefer long answers, 30% short, plus unseen users")
-    synth = dict(n_users=n_users, unseen_users=unseen_users, majority_share=0.7, n_prompts=n_prompts,
-                 pairs_per_user=pairs_per_user, test_fraction=0.2, seed=seed, unseen_pairs_per_user=unseen_pairs_per_user)
-    conv = synthesize(**synth)
-    data_dir = write_conversion(conv, out / "data", overwrite=True)
-    # the same pairs with every user's profile text (the cold-start part's text-only users)
-    text_dir = write_conversion(synthesize(**synth, user_texts=True), out / "data_text", overwrite=True) if cold_start else None
+    # with profile texts too for the cold-start part's text-only users
+    conv, data_dir, text_dir = write_demo_data(out, seed, n_users, unseen_users, n_prompts, pairs_per_user,
+                                               unseen_pairs_per_user, with_texts=cold_start)
     print(conv.summary_table(), flush=True)
     groups = load_user_groups(data_dir / "users.json")
     test = load_preference_data(data_dir / "test.jsonl")

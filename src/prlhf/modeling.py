@@ -22,7 +22,6 @@ all of this live in the tests.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -277,16 +276,17 @@ class PersonalizedLM(nn.Module):
         return torch.tensor([self.registry.row(u) for u in user_ids], dtype=torch.long, device=self.device)
 
     def prepare_prompts(self, prompts: list, user_ids: list, user_texts: list | None = None,
-                        share_prompts: bool = False) -> dict:
+                        share_prompts: bool | None = False) -> dict:
         """Left-padded generation inputs: ``[BOS] [slots] [user text] [prompt]`` per row (``prefix``),
         ``[BOS] [prompt] [slots] [user text]`` with ``before_response``.
 
         A user's text comes from ``user_texts`` when given, else from the registry (training data).
-        ``share_prompts`` (``before_response`` only): rows are laid out as ``[their prompt, left-padded
-        to the longest distinct prompt] [their user part, left-padded]``, with ``prompt_rows`` (N,)
-        the index of each row's distinct prompt and ``prompt_width`` the prompt columns, so that the
-        KV cache of each distinct prompt is computed once for all its users (``prefill_prompts``).
-        Positions follow the attention mask, so a row's logits are those of the plain layout."""
+        ``share_prompts`` (``before_response`` with user tokens; None: when some prompt repeats):
+        rows are laid out as ``[their prompt, left-padded to the longest distinct prompt] [their user
+        part, left-padded]``, with ``prompt_rows`` (N,) the index of each row's distinct prompt and
+        ``prompt_width`` the prompt columns, so that the KV cache of each distinct prompt is computed
+        once for all its users (``prefill_prompts``). Positions follow the attention mask, so a row's
+        logits are those of the plain layout."""
         tok, cfg = self.tokenizer, self.prlhf_config
         if cfg.user_position == "after_response":
             raise ValueError("this model reads the user after the response (a reward model's layout): it cannot generate")
@@ -299,31 +299,31 @@ class PersonalizedLM(nn.Module):
             prompt_ids = tokenize_prompt(tok, with_user_id(prompt, uid, cfg.user_id_prompt))
             seqs.append(build_sequence(prompt_ids, [], text_ids, self.n_implicit_tokens, tok.bos_token_id, tok.pad_token_id,
                                        cfg.user_position))
-        if share_prompts:
-            if cfg.user_position != "before_response":
-                raise ValueError("prompts can be shared across users only with user_position 'before_response'")
-            batch = self._collate_shared(seqs)
-        else:
-            batch = collate_sequences(seqs, tok.pad_token_id, "left")
+        can = cfg.user_position == "before_response" and self.n_implicit_tokens > 0
+        if share_prompts and not can:
+            raise ValueError("a prompt's KV cache can be shared across users only with user_position 'before_response' "
+                             "and a user model with user tokens")
+        # every row's user part starts at its first user token; what comes before is its prompt
+        prompt_keys = [tuple(seq[0][:seq[3].index(True)]) for seq in seqs] if can else []
+        if share_prompts is None:
+            share_prompts = can and len(set(prompt_keys)) < len(seqs)
+        batch = self._collate_shared(seqs, prompt_keys) if share_prompts else collate_sequences(seqs, tok.pad_token_id, "left")
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch["user_rows"] = self.user_rows_for(user_ids)
         return batch
 
-    def _collate_shared(self, seqs: list[tuple]) -> dict:
+    def _collate_shared(self, seqs: list[tuple], prompt_keys: list[tuple]) -> dict:
         """``[distinct prompt][user part]`` rows, each part left-padded on its own (see ``prepare_prompts``)."""
         pad = self.tokenizer.pad_token_id
         distinct: dict[tuple, int] = {}
         prompt_rows, prompt_parts, user_parts = [], [], []
-        for seq in seqs:
-            at = seq[3].index(True) if True in seq[3] else len(seq[0])  # where the user part begins
-            key = tuple(seq[0][:at])
+        for seq, key in zip(seqs, prompt_keys):
+            at = len(key)
             if key not in distinct:
                 distinct[key] = len(distinct)
                 prompt_parts.append(tuple(part[:at] for part in seq))
             prompt_rows.append(distinct[key])
             user_parts.append(tuple(part[at:] for part in seq))
-        if min(len(u[0]) for u in user_parts) == 0:
-            raise ValueError("every row needs user tokens to share its prompt's cache (this model has none)")
         prompts = collate_sequences(prompt_parts, pad, "left")
         users = collate_sequences(user_parts, pad, "left")
         rows = torch.tensor(prompt_rows)
@@ -363,30 +363,19 @@ class PersonalizedLM(nn.Module):
             return self.llm
         return copy.deepcopy(self.llm).merge_and_unload()
 
-    def shares_prompts(self, prompts: list, share_prompt_cache: bool | None = None) -> bool:
-        """Whether ``generate`` runs each distinct prompt once for all its users: with
-        ``user_position: before_response`` and user tokens, when some prompt repeats
-        (``share_prompt_cache`` None), or as forced (True: an error where the layout cannot)."""
-        if share_prompt_cache is False:
-            return False
-        can = self.prlhf_config.user_position == "before_response" and self.n_implicit_tokens > 0
-        if share_prompt_cache and not can:
-            raise ValueError("share_prompt_cache needs user_position 'before_response' and a user model with user tokens")
-        distinct = {json.dumps(p, sort_keys=True) if not isinstance(p, str) else p for p in prompts}
-        return can and (bool(share_prompt_cache) or len(distinct) < len(prompts))
-
     @torch.no_grad()
     def generate(self, prompts: list, user_ids: list | None = None, user_texts: list | None = None,
                  skip_special_tokens: bool = True, share_prompt_cache: bool | None = None, **generate_kwargs) -> list[str]:
         """Responses for a batch of prompts, each for its own user (``None``/unknown: the generic
         user), in one ``generate()`` call with the KV cache. With ``user_position: before_response``
-        a prompt asked for several users is run once and its KV cache shared (``shares_prompts``)."""
+        a prompt asked for several users is run once and its KV cache shared (``share_prompt_cache``:
+        None when a prompt repeats, False never, True always: an error where the layout cannot)."""
         user_ids = list(user_ids) if user_ids is not None else [None] * len(prompts)
         if len(user_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(user_ids)} user ids")
         if generate_kwargs.get("num_return_sequences", 1) > 1 or generate_kwargs.get("num_beams", 1) > 1:
             share_prompt_cache = False  # generate() would expand the rows but not a cache given to it
-        batch = self.prepare_prompts(prompts, user_ids, user_texts, self.shares_prompts(prompts, share_prompt_cache))
+        batch = self.prepare_prompts(prompts, user_ids, user_texts, share_prompt_cache)
         ids = self.generate_ids(batch, **generate_kwargs)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 

@@ -463,9 +463,9 @@ def sample_candidates(policy: PersonalizedLM, prompts: list, user_ids: list | No
     out = []
     for s in range(0, total, batch_size):
         p, u, t = prompts[s:s + batch_size], user_ids[s:s + batch_size], user_texts[s:s + batch_size]
-        ids = policy.generate_ids(policy.prepare_prompts(rep(p), rep(u), rep(t)), do_sample=True, temperature=temperature,
-                                  top_p=top_p, max_new_tokens=max_new_tokens, **generate_kwargs)
-        texts = policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        # generate(): with a before_response policy the n rows of a prompt share its KV cache
+        texts = policy.generate(rep(p), rep(u), rep(t), do_sample=True, temperature=temperature, top_p=top_p,
+                                max_new_tokens=max_new_tokens, **generate_kwargs)
         out += [texts[i * n:(i + 1) * n] for i in range(len(p))]
         if progress:
             progress(min(s + batch_size, total), total)

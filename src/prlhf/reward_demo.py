@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 from .data import load_preference_data
-from .demo import _common_args, majority_share, train_sft
+from .demo import _common_args, majority_share, step_printer, train_sft, write_demo_data
 from .evaluation import group_of, held_out_prompts, load_user_groups
 from .modeling import PersonalizedLM
 from .report import comparison_table, method_summary, write_report
 from .reward import PersonalizedRewardModel, PRMConfig, PRMTrainer, evaluate_reward_accuracy, rerank, sample_candidates
-from .sources import synthesize, write_conversion
 from .trainer import use_compact_progress
 
 # reward model name -> PRMConfig overrides
@@ -46,16 +45,12 @@ def run_reward_demo(output: str | Path = "outputs/reward_demo", seed: int = 0, b
                     unseen_users: int = 6, pairs_per_user: int = 40, n_prompts: int = 400, sft_epochs: float = 6,
                     prompts_per_user: int = 4, max_new_tokens: int = 60, **train_overrides) -> dict:
     start = time.time()
+    step = step_printer()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
 
-    def step(msg: str) -> None:
-        print(f"[{time.time() - start:6.1f}s] {msg}", flush=True)
-
     step("data: synthetic users, 70% prefer long answers, 30% short, plus unseen users")
-    conv = synthesize(n_users=n_users, unseen_users=unseen_users, majority_share=0.7, n_prompts=n_prompts,
-                      pairs_per_user=pairs_per_user, test_fraction=0.2, seed=seed, unseen_pairs_per_user=pairs_per_user)
-    data_dir = write_conversion(conv, out / "data", overwrite=True)
+    conv, data_dir, _ = write_demo_data(out, seed, n_users, unseen_users, n_prompts, pairs_per_user, pairs_per_user)
     groups = load_user_groups(data_dir / "users.json")
     test = load_preference_data(data_dir / "test.jsonl")
     eval_records = test + load_preference_data(data_dir / "unseen.jsonl")
