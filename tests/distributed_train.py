@@ -13,7 +13,7 @@ from prlhf.trainer import PDPOTrainer
 
 if __name__ == "__main__":
     per_device, out = int(sys.argv[1]), sys.argv[2]
-    args = PDPOConfig(output_dir=out + ".run", report_to="none", use_cpu=True, disable_tqdm=True, max_steps=4,
+    args = PDPOConfig(output_dir=out + ".run", report_to="none", use_cpu=True, disable_tqdm=True, max_steps=4, health_eval_pairs=0,
                       per_device_train_batch_size=per_device, learning_rate=1e-3, user_learning_rate=1e-2, n_user_tokens=2, save_strategy="no",
                       logging_steps=1, train_sampling_strategy="sequential", ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, seed=0)
     trainer = PDPOTrainer(args=args, train_dataset=two_user_records(n_prompts=8))

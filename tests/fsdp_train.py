@@ -25,7 +25,7 @@ if __name__ == "__main__":
     launch = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in os.environ}
     torch.manual_seed(0)
     args = PDPOConfig(output_dir=out + f".run{rank}", report_to="none", use_cpu=True, disable_tqdm=True, n_user_tokens=2,
-                      save_strategy="no", seed=0, reference_cache_dir="none", user_offset_init="vocab")
+                      save_strategy="no", seed=0, reference_cache_dir="none", user_offset_init="vocab", health_eval_pairs=0)
     trainer = PDPOTrainer(args=args, train_dataset=two_user_records(n_prompts=16))  # the same model in every process
     os.environ.update(launch)
     model = trainer.model

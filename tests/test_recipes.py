@@ -132,3 +132,35 @@ def test_smollm2_dsp_recipe_runs_on_a_tiny_file(tmp_path):
     report = run_shell_recipe("smollm2_dsp_cpu.sh", src, tmp_path / "out", SHELL_FAST)
     check_contract(report, lengths=False)
     assert report["methods"]["pdpo_individual"]["user_match_chance"] == 0.25
+
+
+def test_smollm2_tldr_defaults_recipe_runs_on_a_tiny_file(tmp_path):
+    """The newcomer's run: P-DPO and vanilla DPO at the defaults, on half 2 of the file's workers."""
+    src = write_jsonl(tmp_path / "comparisons.jsonl", tldr_comparisons())
+    report = run_shell_recipe("smollm2_tldr_defaults.sh", src, tmp_path / "out", SHELL_FAST)
+    check_contract(report, lengths=False)
+    pdpo = report["methods"]["pdpo_individual"]
+    assert set(pdpo["flip_rate_by_group"]) == {"majority", "minority"} == set(pdpo["accuracy_by_group"])
+    users = json.loads((tmp_path / "out" / "data" / "users.json").read_text())
+    assert users["options"]["worker_half"] == 2
+    # the P-DPO run kept its health signal in trainer_state.json
+    state = json.loads((tmp_path / "out" / "pdpo_individual" / "trainer_state.json").read_text())
+    assert any("eval_flip_rate" in e for e in state["log_history"])
+
+
+def test_smollm2_dsp_defaults_recipe_runs_on_a_tiny_file(tmp_path):
+    src = tmp_path / "dsp.json"
+    src.write_text(json.dumps(dsp_rows() * 4))
+    report = run_shell_recipe("smollm2_dsp_defaults.sh", src, tmp_path / "out", SHELL_FAST)
+    check_contract(report, lengths=False)
+    assert json.loads((tmp_path / "out" / "data" / "users.json").read_text())["options"]["query_half"] == 2
+
+
+def test_defaults_recipes_set_no_personalization_setting():
+    """A newcomer's run gives `prlhf train` only the model, data, output folder, use_lora, lengths and steps."""
+    allowed = {"--model_name_or_path", "--train_file", "--output_dir", "--user_model", "--use_lora", "--max_length",
+               "--max_prompt_length", "--max_steps", "--per_device_train_batch_size", "--reference_cache_dir"}
+    for script in ("smollm2_tldr_defaults.sh", "smollm2_dsp_defaults.sh"):
+        text = (RECIPES / script).read_text()
+        train = text[text.index("\n    prlhf train"):text.index("\ndone")]
+        assert set(re.findall(r"--\w+", train)) == allowed, script

@@ -281,7 +281,7 @@ def trained_prm(tmp_path_factory):
     """A P-RM that has learned two opposite users (long answers vs short ones), saved."""
     tmp = tmp_path_factory.mktemp("prm")
     a = rm_args(tmp, num_train_epochs=3, per_device_train_batch_size=8, n_user_tokens=4, user_learning_rate=1e-2,
-                train_sampling_strategy="random", logging_steps=100)
+                train_sampling_strategy="random", logging_steps=100, health_eval_pairs=0)
     trainer = PRMTrainer(args=a, train_dataset=two_user_records(n_prompts=24))
     trainer.train()
     trainer.save_model()

@@ -109,6 +109,37 @@ def test_tldr_splits_are_stable_and_seeded(tmp_path):
     assert not test_posts & {r["post_id"] for r in a.train}  # held out by post
 
 
+def test_tldr_worker_halves_are_disjoint_alike_and_cover_every_worker(tmp_path):
+    from prlhf.sources.tldr import worker_halves
+
+    path = write_jsonl(tmp_path / "c.jsonl", tldr_rows())  # w0 6 rows, w1 5, w2 3, w3..w5 1 each
+    one, two = worker_halves(tldr_rows())
+    assert one == {"w0", "w2", "w4"} and two == {"w1", "w3", "w5"}  # ranked by count, ties by id, alternately
+    halves = [convert_tldr(str(path), label="length", top_k=None, seed=0, worker_half=h) for h in (1, 2)]
+    workers = [{r["worker"] for r in c.train + c.test + c.unseen} for c in halves]
+    assert workers[0] <= one and workers[1] <= two and not workers[0] & workers[1]
+    assert halves[0].skipped["worker in the other half (--worker-half 1)"] == 5 + 1 + 1  # w1's rows, w3, w5
+    assert halves[0].options["worker_half"] == 1
+    with pytest.raises(ValueError, match="worker_half must be 1 or 2"):
+        convert_tldr(str(path), worker_half=3)
+
+
+@pytest.mark.skipif(not (SHARED / "tldr" / "comparisons_batch13.jsonl").is_file(), reason="../shared/data absent")
+def test_tldr_worker_halves_of_batch_13():
+    """The defaults were chosen on half 1 and are reported on half 2: about half of the comparisons each."""
+    rows = [json.loads(line) for line in (SHARED / "tldr" / "comparisons_batch13.jsonl").read_text().splitlines()]
+    one, two = worker_halves_of(rows)
+    assert len(one) == 14 and len(two) == 13 and not one & two
+    n = [sum(r["worker"] in h for r in rows) for h in (one, two)]
+    assert n == [586, 511]
+
+
+def worker_halves_of(rows):
+    from prlhf.sources.tldr import worker_halves
+
+    return worker_halves(rows)
+
+
 def test_tldr_sft_only_and_prompt_truncation(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", tldr_rows())
     conv = convert_tldr(str(path), sft_only=True, top_k=0, max_prompt_chars=30)
@@ -227,6 +258,17 @@ def test_dsp_fixture(tmp_path):
             assert rec["chosen"][0]["content"].startswith(rec["user_id"])
         assert rec["rejected"][0]["content"] != rec["chosen"][0]["content"]
     assert {r["user_id"] for r in conv.unseen} == {"literature"}
+
+
+def test_dsp_query_halves_are_disjoint(tmp_path):
+    path = tmp_path / "dsp.json"
+    path.write_text(json.dumps(dsp_rows()))
+    halves = [convert_dsp(str(path), rejected_pool="domains", test_fraction=0.25, query_half=h) for h in (1, 2)]
+    queries = [{r["query_index"] for r in c.train + c.test} for c in halves]
+    assert queries == [{0, 2, 4, 6}, {1, 3, 5, 7}]
+    assert halves[1].skipped["query in the other half (--query-half 2)"] == 4
+    with pytest.raises(ValueError, match="query_half must be 1 or 2"):
+        convert_dsp(str(path), query_half=0)
 
 
 @pytest.mark.skipif(not (SHARED / "dsp" / "domain_preference_shared.json").is_file(), reason="../shared/data absent")

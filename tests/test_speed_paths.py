@@ -124,7 +124,8 @@ def test_eager_attention_takes_the_packed_mask():
 def _args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, disable_tqdm=True, n_user_tokens=2,
                 per_device_train_batch_size=4, save_strategy="no", reference_cache_dir=str(tmp_path / "cache"),
-                learning_rate=1e-3, beta=0.3, sft_weight=0.2)
+                learning_rate=1e-3, beta=0.3, sft_weight=0.2,
+                health_eval_pairs=0)  # every pair trains: these tests count reference passes over the training pairs
     base.update(kw)
     return PDPOConfig(**base)
 
@@ -278,7 +279,7 @@ def test_lazy_reference_trains_as_the_precomputed_one_and_scores_only_visited_pa
         args = PDPOConfig(output_dir=str(tmp_path / str(lazy)), report_to="none", use_cpu=True, disable_tqdm=True,
                           use_lora=True, lora_r=4, learning_rate=1e-3, per_device_train_batch_size=4, max_steps=3,
                           save_strategy="no", train_sampling_strategy="sequential", lazy_reference=lazy,
-                          reference_cache_dir="none", n_user_tokens=2)
+                          reference_cache_dir="none", n_user_tokens=2, health_eval_pairs=0)  # training pairs only
         cfg = PersonalizationConfig("tiny-llama", user_model="individual", n_user_tokens=2, use_lora=True)
         torch.manual_seed(0)  # the same LoRA initialisation in both runs
         model = PersonalizedLM.build(cfg, UserRegistry.from_records(records), llm=llm, tokenizer=tok,

@@ -8,7 +8,7 @@ Names are imported lazily, so that ``import prlhf`` (and the CLI) start fast.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "PDPOConfig": "config",

@@ -109,6 +109,7 @@ def _train_and_save(trainer, what: str):
     """Train (resuming when the config says so), save the final model, say where."""
     trainer.train(resume_from_checkpoint=_resume_arg(trainer.args))
     trainer.save_model()
+    trainer.save_state()
     if trainer.args.should_save:
         print(f"saved the {what} to {trainer.args.output_dir}")
     return trainer
@@ -225,7 +226,7 @@ def cmd_eval(argv: list[str]) -> int:
         if gen is not None:
             generations[name] = gen.pop("generations")
             metrics["generation"] = gen
-        for key in ("flip_rate", "flip_rate_ci", "flip_rate_by_group", "user_match", "user_match_ci", "user_match_chance"):
+        for key in ("flip_rate", "flip_rate_ci", "flip_rate_by_group", "accuracy_by_group", "user_match", "user_match_ci", "user_match_chance"):
             if key in methods[name]:
                 metrics[key] = methods[name][key]
         per_user[name] = metrics["accuracy"]["per_user"]
@@ -395,6 +396,9 @@ def _data_parser() -> argparse.ArgumentParser:
     t.add_argument("--pool-users", type=int, default=None, metavar="N",
                    help="merge the seen workers into N pooled users of their preference (--label length): "
                         "more pairs per user")
+    t.add_argument("--worker-half", type=int, choices=[1, 2], default=None,
+                   help="keep one of two disjoint halves of the workers (ranked by comparisons, alternately "
+                        "assigned): choose settings on one half, report on the other")
     t.add_argument("--hub-split", default="validation", help="split of the hub data set")
     ps = src.add_parser("psoups", help="P-SOUPS: RLPHF P1A.json ... P3B.json, or uid/prompt/chosen/rejected rows")
     common(ps)
@@ -415,6 +419,9 @@ def _data_parser() -> argparse.ArgumentParser:
     d.add_argument("--rejected-pool", choices=["all", "domains", "normal"], default="all",
                    help="where rejected responses come from: other domains, 'normal', or both")
     d.add_argument("--format", choices=["chat", "text"], default="chat")
+    d.add_argument("--query-half", type=int, choices=[1, 2], default=None,
+                   help="keep one of two disjoint halves of the queries (odd / even records): choose settings on "
+                        "one half, report on the other")
 
     sy = sub.add_parser("synth", help="synthetic users with conflicting preferences (no download)")
     sy.add_argument("--output", required=True)
@@ -692,7 +699,7 @@ def _rm_eval(argv: list[str]) -> int:
         else:
             methods[name]["accuracy_difference"] = {"vs": baseline[0], **{
                 group: paired_difference(pairs, baseline[1], group) for group in ("seen", "unseen")}}
-        for key in ("flip_rate", "flip_rate_ci", "flip_rate_by_group", "accuracy_difference"):
+        for key in ("flip_rate", "flip_rate_ci", "flip_rate_by_group", "accuracy_by_group", "accuracy_difference"):
             if key in methods[name]:
                 metrics[key] = methods[name][key]
         per_user[name] = metrics["accuracy"]["per_user"]

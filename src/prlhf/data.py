@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,30 @@ def load_preference_data(source: str | Path | Iterable[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # Tokenization
+
+
+def hold_out_pairs(records: list[dict], n: int, seed: int = 0, max_share: float = 0.25) -> tuple[list[dict], list[dict]]:
+    """(kept, held out): ``n`` pairs of named users held out of ``records`` for the training-time
+    health signal, spread over the users (round-robin, a seeded draw within each user), at most
+    ``max_share`` of any user's pairs so that every user keeps most of its data. Pairs without a
+    user id are never held out. The order of the kept records is unchanged."""
+    rng = random.Random(seed)
+    by_user: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        if rec.get("user_id") not in (None, ""):
+            by_user.setdefault(str(rec["user_id"]), []).append(i)
+    queues = {}
+    for user in sorted(by_user):
+        idx = by_user[user][:]
+        rng.shuffle(idx)
+        queues[user] = idx[: int(len(idx) * max_share)]
+    held: list[int] = []
+    while len(held) < n and any(queues.values()):
+        for user in sorted(queues):
+            if queues[user] and len(held) < n:
+                held.append(queues[user].pop())
+    chosen = set(held)
+    return [r for i, r in enumerate(records) if i not in chosen], [records[i] for i in sorted(chosen)]
 
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:

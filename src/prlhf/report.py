@@ -27,6 +27,7 @@ def method_summary(metrics: dict, pairs: list[dict], generation: dict | None = N
         "flip_rate": flips["rate"],
         "flip_rate_ci": flips["ci"],
         "flip_rate_by_group": flips["per_group"],
+        "accuracy_by_group": accuracy_by_group(pairs, groups),
         "length": {},
     }
     if generation is not None:
@@ -38,6 +39,16 @@ def method_summary(metrics: dict, pairs: list[dict], generation: dict | None = N
                        user_match_n=match["n"], user_match_per_label=match["per_label"],
                        user_match_unseen_assigned=match["assigned_unknown"])
     return out
+
+
+def accuracy_by_group(pairs: list[dict], groups: dict[str, str] | None = None) -> dict[str, float]:
+    """Held-out accuracy of the seen users' pairs per user group (users.json's ``group``, e.g.
+    majority / minority), each pair scored with its user's own embedding."""
+    by_group: dict[str, list[float]] = {}
+    for p in pairs:
+        if p.get("seen"):
+            by_group.setdefault((groups or {}).get(p["user_id"], "seen"), []).append(p["correct"])
+    return {g: sum(v) / len(v) for g, v in sorted(by_group.items())}
 
 
 def _f(x, digits=3) -> str:

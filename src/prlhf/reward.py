@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import PDPOConfig, _f
+from .config import LORA_LEARNING_RATE, PDPOConfig, _f
 from .data import REWARD_USER_POSITIONS, PreferenceCollator, load_preference_data, tokenize_dataset
 from .evaluation import score_pairs
 from .guards import check_finite
 from .modeling import PersonalizedLM
 from .scoring import _backbone_and_head, position_ids_from_mask
 from .storage import IntegrityError
-from .trainer import _load_records, _PreferenceTrainer, disable_dropout, personalization_config
+from .trainer import _load_records, _PreferenceTrainer, disable_dropout, health_split, personalization_config
 from .users import GENERIC_ROW, UserRegistry
 
 logger = logging.getLogger(__name__)
@@ -238,6 +238,9 @@ class PersonalizedRewardModel(nn.Module):
             self.head.weight.copy_(self.read_head(directory))
 
 
+PRM_FULL_LEARNING_RATE = 1e-5  # default backbone learning rate of full fine-tuning
+
+
 @dataclass
 class PRMConfig(PDPOConfig):
     """P-RM training: the keys of ``PDPOConfig`` where they mean the same (user model, alpha and
@@ -246,11 +249,18 @@ class PRMConfig(PDPOConfig):
 
     center_rewards_coefficient: float = _f(0.0, "Centring penalty coefficient on (r_w + r_l)^2 per term, as TRL's "
                                            "RewardTrainer (0: off).")
-    learning_rate: float = _f(1e-5, "Learning rate of the backbone and the reward head (AdamW).")
+    learning_rate: float | None = _f(None, f"Learning rate of the backbone and the reward head (AdamW). Default: "
+                                     f"{LORA_LEARNING_RATE:g} with use_lora (the DSP P-RM recipe's, measured 0.829), "
+                                     f"{PRM_FULL_LEARNING_RATE:g} for full fine-tuning.")
 
-    user_position: str = _f("prefix", "Where the user tokens sit: 'prefix' (after BOS: the paper's layout), "
-                            "'before_response', or 'after_response' (the last token is then the user's: the reward "
-                            "head reads the user's query over the whole response).")
+    user_position: str = _f("after_response", "Where the user tokens sit: 'after_response' (the last token is the "
+                            "user's: the reward head reads the user's query over the whole response), 'prefix' (after "
+                            "BOS: the paper's layout) or 'before_response'. Measured (SmolLM2 DSP P-RM): after_response "
+                            "0.829 held-out accuracy, prefix 0.500 (the head on the response's last token never picked "
+                            "up the user).")
+
+    def default_learning_rate(self) -> float:
+        return LORA_LEARNING_RATE if self.use_lora else PRM_FULL_LEARNING_RATE
 
     def __post_init__(self):
         if self.center_rewards_coefficient < 0:
@@ -283,6 +293,7 @@ class PRMTrainer(_PreferenceTrainer):
         train_records = _load_records(train_dataset if train_dataset is not None else args.train_file, "train")
         eval_source = eval_dataset if eval_dataset is not None else args.eval_file
         eval_records = load_preference_data(eval_source) if eval_source is not None else None
+        train_records, eval_records, self.health_groups = health_split(args, train_records, eval_records)
         if model is None:
             model = build_reward_model(args, UserRegistry.from_records(train_records))
         tok = processing_class or model.tokenizer
@@ -340,6 +351,7 @@ class PRMTrainer(_PreferenceTrainer):
             gw, gl = g(gen[0].detach()), g(gen[1].detach())
             metrics["rewards_generic/accuracies"] = (gw > gl).float().mean().item()
             metrics["rewards_generic/margins"] = (gw - gl).mean().item()
+            metrics["_generic_hits"] = (gw > gl).float().tolist()
         metrics["_hits"] = (g(user_rows).tolist(), hit.tolist())
         return losses.mean(), metrics
 
@@ -357,7 +369,8 @@ class PRMTrainer(_PreferenceTrainer):
             training = {"training data": a.train_file, "steps": self.state.global_step, "alpha": a.alpha,
                         "alpha sampling": a.alpha_sampling or None, "loss": "Bradley-Terry",
                         "center_rewards_coefficient": a.center_rewards_coefficient or None,
-                        "learning rate": a.learning_rate, "user learning rate": a.user_learning_rate}
+                        "learning rate": a.learning_rate, "user learning rate": a.user_learning_rate,
+                        **a.effective_settings()}
             self.accelerator.unwrap_model(self.model).save_pretrained(
                 output_dir, extra_files={"training_args.json": a.to_json_string()}, card_training=training,
                 state_dict=state_dict)

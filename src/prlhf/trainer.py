@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -18,17 +19,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import IntervalStrategy
 from transformers.trainer_callback import ProgressCallback
 
 from .config import LAZY_ROWS_FROM, PDPOConfig, PSFTConfig
-from .data import SFTCollator, TokenizeSettings, load_preference_data, tokenize_dataset
+from .data import SFTCollator, TokenizeSettings, hold_out_pairs, load_preference_data, tokenize_dataset
 from .losses import personalized_loss, preference_loss
 from .modeling import (NonFiniteError, PersonalizationConfig, PersonalizedLM, check_finite, packing_refusal,
                        position_ids_from_mask, verify_fast_paths)
 from .models import load_model_and_tokenizer
 from .scoring import score_targets
 from .optim import CombinedOptimizer, LazyAdam, clip_grad_norm_, grad_values
-from .storage import save_folder
+from .storage import atomic_write_text, save_folder
 from .reference import (cache_key, cached_reference_logps, compute_reference_logps, default_cache_dir, fingerprint_examples,
                         fingerprint_module, fingerprint_tokenizer, load_reference, portable_path, reference_record,
                         training_reference)
@@ -37,6 +39,8 @@ from .users import GENERIC_ROW, UserRegistry
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+HEALTH_FLIP_FLOOR = 0.05  # below this flip rate in every user group, users count as not separating
+HEALTH_TRAIN_ACCURACY = 0.6  # ... while the training accuracy is at least this (or rising by 0.1)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -217,6 +221,60 @@ class _ResumableTrainer(Trainer):
     def _nonfinite_detail(self) -> str:
         return ""
 
+    def save_state(self) -> None:
+        """``Trainer.save_state`` (``trainer_state.json`` in output_dir: log history, evaluations,
+        health signal), written atomically."""
+        if self.args.should_save:
+            from dataclasses import asdict
+
+            state = json.dumps(asdict(self.state), indent=2, sort_keys=True) + "\n"
+            atomic_write_text(Path(self.args.output_dir) / TRAINER_STATE, state)
+
+
+def health_split(args: PDPOConfig, train_records: list[dict], eval_records: list[dict] | None
+                 ) -> tuple[list[dict], list[dict] | None, dict[str, str]]:
+    """(training records, evaluation records, user groups) for the health signal: with no
+    evaluation data and ``health_eval_pairs`` > 0, that many training pairs are held out (spread
+    over the users) and evaluated during training; the groups come from ``users_file`` (default:
+    users.json beside ``train_file``). Logs the run's effective personalization settings."""
+    from .evaluation import load_user_groups
+
+    logger.info("personalization settings: %s", ", ".join(f"{k}={v}" for k, v in args.effective_settings().items()))
+    users = args.users_file or (Path(args.train_file).with_name("users.json") if args.train_file else None)
+    groups = load_user_groups(users) if users is not None and Path(users).is_file() else {}
+    if eval_records is not None or not args.health_check_active():
+        return train_records, eval_records, groups
+    kept, held = hold_out_pairs(train_records, args.health_eval_pairs, args.seed)
+    if not held:
+        logger.warning("health signal off: no training user has enough pairs to hold %d out (at most a quarter of "
+                       "each user's pairs); give an eval_file to evaluate during training", args.health_eval_pairs)
+        args.eval_strategy = IntervalStrategy.NO
+        return train_records, None, groups
+    logger.info("health signal: %d of %d training pairs held out (%d users) and evaluated at every evaluation "
+                "(eval_steps %s): seen and generic-user accuracy, user-swap flip rate%s", len(held), len(train_records),
+                len({r["user_id"] for r in held}), args.eval_steps, " per group" if groups else "")
+    return kept, held, groups
+
+
+def health_causes(args) -> list[str]:
+    """The likely causes of users that do not separate, for the health warning: the settings of
+    ``args`` that differ from the measured-good ones first, then the ones that always apply."""
+    causes = []
+    user_lr = args.user_learning_rate if args.user_learning_rate is not None else args.learning_rate
+    if user_lr < 1e-3:
+        causes.append(f"user_learning_rate is {user_lr:g}: the user model needs a far larger step than the LLM "
+                      "(measured good: 1e-2 with LoRA at 5e-4)")
+    if getattr(args, "user_offset_init", None) == "zero":
+        causes.append("user_offset_init is 'zero': every user starts as the generic user and the LLM learns the "
+                      "majority before the offsets differ ('vocab' starts users apart)")
+    schedule = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if schedule not in ("constant", "constant_with_warmup"):
+        causes.append(f"lr_scheduler_type is '{schedule}': a decaying rate stops the users before they separate "
+                      "('constant' measured better)")
+    causes.append("too few pairs per user (pool users who share a preference, or train longer)")
+    causes.append(f"alpha {args.alpha} (the user term's weight; the generic term pulls every user to the majority)")
+    return causes
+
 
 def disable_dropout(module: torch.nn.Module) -> None:
     """Turn off every dropout of a model (``nn.Dropout`` modules, LoRA's included, and the
@@ -246,6 +304,9 @@ class _PreferenceTrainer(_ResumableTrainer):
         self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._user_hits = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+        self._eval_pairs: list[tuple[int, float, float]] = []
+        self.health_warning: str | None = None
+        self.health_groups: dict[str, str] = getattr(self, "health_groups", None) or {}
 
     def _registry(self) -> UserRegistry | None:
         return self.accelerator.unwrap_model(self.model).registry
@@ -279,12 +340,15 @@ class _PreferenceTrainer(_ResumableTrainer):
 
     def _store(self, mode: str, metrics: dict) -> None:
         rows, hits = metrics.pop("_hits")
+        generic_hits = metrics.pop("_generic_hits", None)
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         for r, h in zip(rows, hits):
             acc = self._user_hits[mode][r]
             acc[0] += h
             acc[1] += 1
+        if mode == "eval" and generic_hits is not None:  # per pair: (row, user-term hit, generic-term hit)
+            self._eval_pairs.extend(zip(rows, hits, generic_hits))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -296,11 +360,64 @@ class _PreferenceTrainer(_ResumableTrainer):
                 stored[f"rewards/accuracies_user/{uid}"] = h / c
         if mode == "eval":
             stored = {f"eval_{k}": v for k, v in stored.items()}
+            stored.update(self._health_metrics())
             self._last_eval_metrics = stored
         logs = {**logs, **stored}
         self._metrics[mode].clear()
         self._user_hits[mode].clear()
         super().log(logs, start_time)
+        if mode == "eval" and "eval_flip_rate" in stored:
+            self._check_health(stored)
+
+    # -- the health signal: do the users separate? ----------------------------------------------
+
+    def _health_metrics(self) -> dict[str, float]:
+        """Pair-level accuracies of the evaluation just run, under TRL-style names: the user term's
+        (``eval_rewards/accuracies``), the generic user's (``eval_rewards/accuracies_generic``), and
+        the user-swap flip rate (``eval_flip_rate``: the share of pairs whose preference changes when
+        the user's embedding is replaced by e_0; ``eval_flip_rate/<group>`` per users.json group)."""
+        pairs, self._eval_pairs = self._eval_pairs, []
+        pairs = [(r, h, g) for r, h, g in pairs if r != GENERIC_ROW]  # the generic user's own pairs cannot flip
+        if not pairs:
+            return {}
+        registry, groups = self._registry(), self.health_groups
+        n = len(pairs)
+        out = {"eval_rewards/accuracies": sum(h for _, h, _ in pairs) / n,
+               "eval_rewards/accuracies_generic": sum(g for _, _, g in pairs) / n,
+               "eval_flip_rate": sum(h != g for _, h, g in pairs) / n}
+        if groups:
+            by_group: dict[str, list[float]] = defaultdict(list)
+            for r, h, g in pairs:
+                by_group[groups.get(registry.ids[r - 1], "other")].append(float(h != g))
+            for name, flips in sorted(by_group.items()):
+                out[f"eval_flip_rate/{name}"] = sum(flips) / len(flips)
+        return out
+
+    def _check_health(self, logs: dict[str, float]) -> None:
+        """Once a quarter of the run has passed: if no user group's preferences flip when its users
+        are swapped for the generic user (flip rate below ``HEALTH_FLIP_FLOOR``) while the training
+        accuracy is above chance (the LLM is learning the preference the users share, or the
+        majority's), warn once, with the likely causes and the settings to look at."""
+        state = self.state
+        if self.health_warning is not None or not state.max_steps or state.global_step < 0.25 * state.max_steps:
+            return
+        per_group = {k.split("/", 1)[1]: v for k, v in logs.items() if k.startswith("eval_flip_rate/")}
+        highest = max(per_group.values()) if per_group else logs["eval_flip_rate"]
+        train_acc = [e["rewards/accuracies"] for e in state.log_history if "rewards/accuracies" in e and "loss" in e]
+        recent = sum(train_acc[-3:]) / len(train_acc[-3:]) if train_acc else None  # the last logged batches
+        rising = recent is not None and (recent >= HEALTH_TRAIN_ACCURACY or recent - train_acc[0] >= 0.1)
+        if highest >= HEALTH_FLIP_FLOOR or not rising:
+            return
+        self.health_warning = (
+            f"users are not separating: at step {state.global_step} of {state.max_steps}, swapping each user for the "
+            f"generic user flips {logs['eval_flip_rate']:.2f} of held-out preferences"
+            + (f" (by group: {', '.join(f'{k} {v:.2f}' for k, v in sorted(per_group.items()))})" if per_group else "")
+            + f" while the training accuracy is {recent:.2f}: the LLM is learning one preference for everyone (the "
+            "majority's) and the user model is not being used. Settings to look at: " + "; ".join(health_causes(self.args))
+            + ". If your users really share one preference, this is expected.")
+        logger.warning(self.health_warning)
+        print(f"WARNING: {self.health_warning}", file=sys.stderr, flush=True)
+        state.log_history.append({"health_warning": self.health_warning, "step": state.global_step})
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """``Trainer.evaluate`` plus the preference metrics (``eval_rewards/accuracies``, ...)."""
@@ -373,6 +490,7 @@ class PDPOTrainer(_PreferenceTrainer):
         train_records = _load_records(train_dataset if train_dataset is not None else args.train_file, "train")
         eval_source = eval_dataset if eval_dataset is not None else args.eval_file
         eval_records = load_preference_data(eval_source) if eval_source is not None else None
+        train_records, eval_records, self.health_groups = health_split(args, train_records, eval_records)
         if model is None:
             model = PersonalizedLM.build(
                 personalization_config(args), UserRegistry.from_records(train_records),
@@ -543,6 +661,8 @@ class PDPOTrainer(_PreferenceTrainer):
             metrics["rewards_generic/accuracies"] = (gcr > grr).float().mean().item()
             metrics["rewards_generic/margins"] = (gcr - grr).mean().item()
         metrics["_hits"] = (rows_all.tolist(), (cr > rr).float().tolist())
+        if "generic" in out and "user" in out:
+            metrics["_generic_hits"] = (gcr > grr).float().tolist()
         return loss, metrics
 
     def _sampled_pdpo_loss(self, model, pm: PersonalizedLM, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -630,7 +750,7 @@ class PDPOTrainer(_PreferenceTrainer):
             a = self.args
             training = {"training data": a.train_file, "steps": self.state.global_step, "beta": a.beta, "alpha": a.alpha,
                         "loss": a.loss_type, "sft_weight": a.sft_weight or None, "learning rate": a.learning_rate,
-                        "user learning rate": a.user_learning_rate}
+                        "user learning rate": a.user_learning_rate, **a.effective_settings()}
             logged = {k: v for entry in self.state.log_history[-2:] for k, v in entry.items()
                       if isinstance(v, (int, float)) and not k.startswith("rewards/accuracies_user/")}
             self.accelerator.unwrap_model(self.model).save_pretrained(

@@ -21,22 +21,30 @@ POOLS = ("all", "domains", "normal")
 
 
 def convert_dsp(input: str, rejected_per_query: int = 1, rejected_pool: str = "all", unseen_users=(),
-                test_fraction: float = 0.1, seed: int = 0, format: str = "chat") -> Conversion:
+                test_fraction: float = 0.1, seed: int = 0, format: str = "chat", query_half: int | None = None) -> Conversion:
+    """``query_half`` = 1 or 2 keeps one of two disjoint halves of the queries (odd or even
+    records: 1st, 3rd, ... or 2nd, 4th, ...), so that settings chosen on one half can be reported
+    on the other."""
     if rejected_pool not in POOLS:
         raise ValueError(f"rejected_pool must be one of {POOLS}, got {rejected_pool!r}")
     if rejected_per_query < 1:
         raise ValueError(f"rejected_per_query must be at least 1, got {rejected_per_query}")
+    if query_half not in (None, 1, 2):
+        raise ValueError(f"query_half must be 1 or 2 (or None: every query), got {query_half!r}")
     unknown = set(unseen_users) - set(DOMAINS)
     if unknown:
         raise ValueError(f"unseen users must be DSP domains {DOMAINS}, got {sorted(unknown)}")
     rows = read_records(Path(input))
     conv = Conversion("dsp", read=len(rows), options=dict(
         rejected_per_query=rejected_per_query, rejected_pool=rejected_pool, unseen_users=sorted(unseen_users),
-        test_fraction=test_fraction, seed=seed, format=format))
+        test_fraction=test_fraction, seed=seed, format=format, query_half=query_half))
     for d in DOMAINS:
         conv.users[d] = {"seen": d not in unseen_users, "n_pairs": 0, "domain": d}
     for i, row in enumerate(rows):
         w = where(input, i, row)
+        if query_half and i % 2 != query_half - 1:
+            conv.skip(f"query in the other half (--query-half {query_half})")
+            continue
         query, responses = row.get("query"), row.get("responses")
         if not isinstance(query, str):
             raise DataError(f"{w}: field 'query' is missing or not a string")

@@ -15,6 +15,9 @@ Labels:
 The ``top_k`` most frequent workers are the seen users (ties broken by id); the others are
 unseen. Held-out pairs of seen users (``test``) are chosen by post, so no test post is trained on.
 
+``worker_half`` = 1 or 2 keeps one of two disjoint halves of the file's workers
+(``worker_halves``), so that settings chosen on one half can be reported on the other.
+
 ``pool_users`` = N (``--label length`` only) merges the seen workers into N pooled users
 (``long_1``, ..., ``short_1``, ...): round(long_share * N) pools prefer longer summaries, the
 rest shorter, and each worker joins the pool of its preference that holds the fewest pairs so
@@ -72,6 +75,15 @@ def _check(row: dict, w: str, label: str) -> None:
         raise DataError(f"{w}: field 'choice' must be 0 or 1, got {row.get('choice')!r}")
 
 
+def worker_halves(rows: list[dict]) -> tuple[set[str], set[str]]:
+    """Two disjoint halves of the file's workers, alike in size: workers ranked by their number of
+    comparisons (ties by id) go alternately to half 1 (ranks 1, 3, 5, ...) and half 2 (2, 4, ...).
+    Settings chosen on one half are then reported on the other, whose users were never looked at."""
+    counts = Counter(r["worker"] for r in rows)
+    ranked = sorted(counts, key=lambda u: (-counts[u], u))
+    return set(ranked[0::2]), set(ranked[1::2])
+
+
 def _is_supervised(policy) -> bool:
     return isinstance(policy, str) and "sup" in policy and "ppo" not in policy
 
@@ -79,7 +91,7 @@ def _is_supervised(policy) -> bool:
 def convert_tldr(input: str, label: str = "human", long_share: float = 0.7, top_k: int | None = 10,
                  sft_only: bool = False, max_prompt_chars: int | None = None, test_fraction: float = 0.1,
                  seed: int = 0, length_unit: str = "words", hub_split: str = "validation",
-                 pool_users: int | None = None) -> Conversion:
+                 pool_users: int | None = None, worker_half: int | None = None) -> Conversion:
     if label not in ("human", "length"):
         raise ValueError(f"label must be 'human' or 'length', got {label!r}")
     if pool_users is not None and (label != "length" or pool_users < 1):
@@ -87,16 +99,23 @@ def convert_tldr(input: str, label: str = "human", long_share: float = 0.7, top_
                          f"with label={label!r}")
     if length_unit not in ("words", "chars"):
         raise ValueError(f"length_unit must be 'words' or 'chars', got {length_unit!r}")
+    if worker_half not in (None, 1, 2):
+        raise ValueError(f"worker_half must be 1 or 2 (or None: every worker), got {worker_half!r}")
     path = Path(input)
     rows = read_records(path) if path.exists() else load_hub_dataset(input, "comparisons", hub_split)
     conv = Conversion("tldr", read=len(rows), options=dict(
         label=label, long_share=long_share, top_k=top_k, sft_only=sft_only, max_prompt_chars=max_prompt_chars,
-        test_fraction=test_fraction, seed=seed, length_unit=length_unit, pool_users=pool_users))
+        test_fraction=test_fraction, seed=seed, length_unit=length_unit, pool_users=pool_users,
+        worker_half=worker_half))
 
-    kept = []
     for i, row in enumerate(rows):
-        w = where(input, i, row)
-        _check(row, w, label)
+        _check(row, where(input, i, row), label)
+    half = worker_halves(rows)[worker_half - 1] if worker_half else None
+    kept = []
+    for row in rows:
+        if half is not None and row["worker"] not in half:
+            conv.skip(f"worker in the other half (--worker-half {worker_half})")
+            continue
         a, b = row["summaries"]
         if sft_only and not (_is_supervised(a.get("policy")) and _is_supervised(b.get("policy"))):
             conv.skip("not both supervised policies (--sft-only)")
