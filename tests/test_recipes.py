@@ -103,6 +103,9 @@ def check_contract(report: dict, lengths: bool) -> None:
         if lengths:
             assert set(m["length"]) >= {"majority", "minority", "unseen"}
     assert report["methods"]["dpo"]["flip_rate"] == 0.0  # vanilla DPO cannot tell users apart
+    if "dpo_user_id" in report["methods"]:  # the prompt baseline: its generic user is the prompt without the id
+        baseline = report["methods"]["dpo_user_id"]
+        assert baseline["accuracy_difference"]["vs"] == "dpo" and 0.0 <= baseline["flip_rate"] <= 1.0
     assert report["methods"]["pdpo_individual"]["accuracy_difference"]["vs"] == "dpo"
     assert report["n_pairs"]["seen"] > 0
 
@@ -124,6 +127,7 @@ def test_smollm2_tldr_recipe_runs_on_a_tiny_file(tmp_path):
     src = write_jsonl(tmp_path / "comparisons.jsonl", tldr_comparisons())
     report = run_shell_recipe("smollm2_tldr_cpu.sh", src, tmp_path / "out", SHELL_FAST)
     check_contract(report, lengths=True)
+    assert set(report["methods"]) == {"dpo", "dpo_user_id", "pdpo_individual"}
 
 
 def test_smollm2_dsp_recipe_runs_on_a_tiny_file(tmp_path):
@@ -131,6 +135,7 @@ def test_smollm2_dsp_recipe_runs_on_a_tiny_file(tmp_path):
     src.write_text(json.dumps(dsp_rows() * 4))
     report = run_shell_recipe("smollm2_dsp_cpu.sh", src, tmp_path / "out", SHELL_FAST)
     check_contract(report, lengths=False)
+    assert set(report["methods"]) == {"dpo", "dpo_user_id", "pdpo_individual"}
     assert report["methods"]["pdpo_individual"]["user_match_chance"] == 0.25
 
 

@@ -233,12 +233,21 @@ def with_user_id(prompt: str | list[dict], user_id: str | None, template: str | 
     return tag + prompt
 
 
-def _truncate_prompt(prompt_ids: list[int], keep: int, bos_id: int | None) -> list[int]:
-    if len(prompt_ids) <= keep:
+def _truncate_prompt(prompt_ids: list[int], keep: int, bos_id: int | None, head: int = 0) -> list[int]:
+    """The prompt cut to ``keep`` tokens (plus ``head``): BOS and the first ``head`` tokens after it
+    (the user-id tag of the id-in-prompt baseline) stay, then the prompt's end."""
+    start = 1 if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id else 0
+    if len(prompt_ids) <= keep + head:
         return prompt_ids
-    if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id:
-        return prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1 :]
-    return prompt_ids[len(prompt_ids) - keep :]
+    tail = max(keep - start, 0)
+    return prompt_ids[: start + head] + prompt_ids[len(prompt_ids) - tail:]
+
+
+def _tag_tokens(tokenizer, prompt, tagged, ids_tagged: list[int]) -> int:
+    """How many tokens the user-id tag adds in front of the prompt (0 without a tag)."""
+    if tagged is prompt:
+        return 0
+    return max(len(ids_tagged) - len(tokenize_prompt(tokenizer, prompt)), 0)
 
 
 def tokenize_pair(rec: dict, tokenizer, settings: TokenizeSettings, user_row: int) -> dict | None:
@@ -250,12 +259,14 @@ def tokenize_pair(rec: dict, tokenizer, settings: TokenizeSettings, user_row: in
     chosen_ids = prompt_ids[n:] + chosen_ids
     rejected_ids = prompt_r[n:] + rejected_ids
     prompt_ids = prompt_ids[:n]
+    # the id-in-prompt baseline's tag, like the user prefix, comes on top of the prompt's budget and is never cut
+    tag = _tag_tokens(tokenizer, rec["prompt"], prompt, prompt_ids) if settings.user_id_prompt else 0
     text_ids = encode_user_text(tokenizer, rec.get("user_text"), settings.max_user_text_tokens)
     if settings.max_prompt_length is not None:
-        prompt_ids = _truncate_prompt(prompt_ids, settings.max_prompt_length, tokenizer.bos_token_id)
+        prompt_ids = _truncate_prompt(prompt_ids, settings.max_prompt_length, tokenizer.bos_token_id, tag)
     if settings.max_length is not None:
         # the user prefix is not counted: every user model (and vanilla DPO) scores the same response tokens
-        room = settings.max_length - len(prompt_ids)
+        room = settings.max_length - (len(prompt_ids) - tag)
         if room <= 0:
             return None
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
