@@ -130,3 +130,18 @@ def test_no_warning_on_a_run_that_separates(tmp_path, capsys):
     assert trainer.health_warning is None and WARNING not in capsys.readouterr().err
     assert not any("health_warning" in e for e in state["log_history"])
     assert max(e["eval_flip_rate/minority"] for e in evals) > 0.3
+
+
+def test_reward_model_training_has_the_health_signal_too(tmp_path):
+    from prlhf.reward import PRMTrainer
+
+    path = users_json(tmp_path, {"long_a": "majority", "long_b": "majority", "short_c": "minority"})
+    a = PRMConfig(output_dir=str(tmp_path / "rm"), report_to="none", use_cpu=True, disable_tqdm=True,
+                  per_device_train_batch_size=8, learning_rate=1e-3, n_user_tokens=2, save_strategy="no",
+                  logging_steps=1, max_steps=4, model_name_or_path="tiny-llama", users_file=str(path))
+    trainer = PRMTrainer(args=a, train_dataset=majority_records())
+    assert len(trainer.eval_dataset) == 12  # a quarter of each user's 16 pairs, at most 32 in all
+    trainer.train()
+    evals = [e for e in trainer.state.log_history if "eval_flip_rate" in e]
+    assert len(evals) == 4
+    assert {"eval_rewards/accuracies", "eval_rewards/accuracies_generic", "eval_flip_rate/minority"} <= set(evals[-1])

@@ -262,6 +262,12 @@ class PRMConfig(PDPOConfig):
     def default_learning_rate(self) -> float:
         return LORA_LEARNING_RATE if self.use_lora else PRM_FULL_LEARNING_RATE
 
+    def effective_settings(self) -> dict:
+        settings = super().effective_settings()
+        for unused in ("beta", "sft_weight"):  # not part of a reward model's objective
+            settings.pop(unused, None)
+        return settings
+
     def __post_init__(self):
         if self.center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
@@ -366,10 +372,8 @@ class PRMTrainer(_PreferenceTrainer):
         state_dict = self.full_state_dict()
         if self.args.should_save:
             a = self.args
-            training = {"training data": a.train_file, "steps": self.state.global_step, "alpha": a.alpha,
-                        "alpha sampling": a.alpha_sampling or None, "loss": "Bradley-Terry",
+            training = {"training data": a.train_file, "steps": self.state.global_step, "loss": "Bradley-Terry",
                         "center_rewards_coefficient": a.center_rewards_coefficient or None,
-                        "learning rate": a.learning_rate, "user learning rate": a.user_learning_rate,
                         **a.effective_settings()}
             self.accelerator.unwrap_model(self.model).save_pretrained(
                 output_dir, extra_files={"training_args.json": a.to_json_string()}, card_training=training,

@@ -77,6 +77,35 @@ def run_record(command: str, date: str | None = None, note: str | None = None, *
     return rec
 
 
+def _num(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def report_table(report: dict) -> str:
+    """A markdown table of a recipe's ``report.json``: accuracy (seen, generic, unseen) with 95%
+    intervals, the flip rate overall and per group, accuracy per group, and the paired difference
+    to the first method on seen pairs."""
+    methods = report["methods"]
+    groups = sorted({g for m in methods.values() for g in (m.get("flip_rate_by_group") or {})})
+    head = ["method", "acc seen", "acc generic", "acc unseen", "flip rate"]
+    head += [f"flip {g}" for g in groups] + [f"acc {g}" for g in groups] + ["seen - first (paired)"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        acc, ci = m["accuracy"], m.get("accuracy_ci", {})
+        diff = (m.get("accuracy_difference") or {}).get("seen")
+        cells = [name, _num(acc["seen"]) + _ci(ci.get("seen")), _num(acc["generic"]), _num(acc["unseen"]) + _ci(ci.get("unseen")),
+                 _num(m.get("flip_rate"))]
+        cells += [_num((m.get("flip_rate_by_group") or {}).get(g)) for g in groups]
+        cells += [_num((m.get("accuracy_by_group") or {}).get(g)) for g in groups]
+        cells.append("-" if not diff else f"{diff['mean']:+.3f}{_ci(diff.get('ci'))}")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m prlhf.runs", description="Write a run record (docs/runs/<run>/run.json).")
     sub = ap.add_subparsers(dest="action", required=True)
@@ -87,7 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--date", default=None, help="ISO date of the run (default: today)")
     r.add_argument("--note", default=None, help="what else a reader must know (data half, overrides, ...)")
     r.add_argument("--seconds", type=float, default=None, help="wall time of the whole command")
+    t = sub.add_parser("table", help="print the markdown table of a recipe's report.json")
+    t.add_argument("report")
     a = ap.parse_args(argv)
+    if a.action == "table":
+        report = json.loads(Path(a.report).read_text())
+        print(report_table(report))
+        if report.get("runtime_seconds"):
+            print(f"\nruntime {report['runtime_seconds']:.0f} s")
+        return 0
     from .storage import atomic_write_text
 
     out = Path(a.out)

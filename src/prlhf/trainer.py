@@ -749,8 +749,7 @@ class PDPOTrainer(_PreferenceTrainer):
         if self.args.should_save:
             a = self.args
             training = {"training data": a.train_file, "steps": self.state.global_step, "beta": a.beta, "alpha": a.alpha,
-                        "loss": a.loss_type, "sft_weight": a.sft_weight or None, "learning rate": a.learning_rate,
-                        "user learning rate": a.user_learning_rate, **a.effective_settings()}
+                        "loss": a.loss_type, "sft_weight": a.sft_weight or None, **a.effective_settings()}
             logged = {k: v for entry in self.state.log_history[-2:] for k, v in entry.items()
                       if isinstance(v, (int, float)) and not k.startswith("rewards/accuracies_user/")}
             self.accelerator.unwrap_model(self.model).save_pretrained(
