@@ -145,3 +145,23 @@ def test_reward_model_training_has_the_health_signal_too(tmp_path):
     evals = [e for e in trainer.state.log_history if "eval_flip_rate" in e]
     assert len(evals) == 4
     assert {"eval_rewards/accuracies", "eval_rewards/accuracies_generic", "eval_flip_rate/minority"} <= set(evals[-1])
+
+
+def test_health_findings_by_hand():
+    from prlhf.trainer import health_findings
+
+    logs = {"eval_rewards/accuracies": 0.55, "eval_rewards/accuracies_generic": 0.60, "eval_flip_rate": 0.2,
+            "eval_flip_rate/majority": 0.15, "eval_flip_rate/minority": 0.3}
+    # before a quarter of the run: nothing is judged
+    assert health_findings(10, 60, {**logs, "eval_flip_rate/minority": 0.0, "eval_flip_rate/majority": 0.0}, [0.5, 0.9]) == []
+    # a quarter: flips in every group under 0.05 while training accuracy rises
+    quiet = {**logs, "eval_flip_rate": 0.02, "eval_flip_rate/majority": 0.0, "eval_flip_rate/minority": 0.04}
+    assert [k for k, _ in health_findings(15, 60, quiet, [0.5, 0.7])] == ["not_separating"]
+    assert health_findings(15, 60, quiet, [0.5, 0.52]) == []  # training accuracy not rising: nothing learned yet
+    # flips, but the users' own embeddings do no better than the generic user: from half of the run on
+    assert health_findings(15, 60, logs, [0.5, 0.7]) == []
+    (kind, msg), = health_findings(30, 60, logs, [0.5, 0.7])
+    assert kind == "not_separating" and "0.55" in msg and "0.60" in msg
+    # memorizing: training 0.95 against 0.55 held out
+    assert [k for k, _ in health_findings(30, 60, {**logs, "eval_rewards/accuracies_generic": 0.5}, [0.5, 0.95, 0.95, 0.95])] \
+        == ["memorizing"]

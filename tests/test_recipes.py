@@ -165,7 +165,24 @@ def test_defaults_recipes_set_no_personalization_setting():
     """A newcomer's run gives `prlhf train` only the model, data, output folder, use_lora, lengths and steps."""
     allowed = {"--model_name_or_path", "--train_file", "--output_dir", "--user_model", "--use_lora", "--max_length",
                "--max_prompt_length", "--max_steps", "--per_device_train_batch_size", "--reference_cache_dir"}
-    for script in ("smollm2_tldr_defaults.sh", "smollm2_dsp_defaults.sh"):
+    for script in ("smollm2_tldr_defaults.sh", "smollm2_dsp_defaults.sh", "smollm2_dsp_rm_defaults.sh"):
         text = (RECIPES / script).read_text()
-        train = text[text.index("\n    prlhf train"):text.index("\ndone")]
-        assert set(re.findall(r"--\w+", train)) == allowed, script
+        train = text[text.index("\n    prlhf " + ("rm train" if "_rm_" in script else "train")):text.index("\ndone")]
+        found = set(re.findall(r"--\w+", train))
+        assert found <= allowed and allowed - found <= {"--reference_cache_dir"}, script
+
+
+def test_smollm2_dsp_rm_defaults_recipe_runs_on_a_tiny_file(tmp_path):
+    """The newcomer's reward model: a P-RM and a vanilla reward model at the defaults, side by side."""
+    src = tmp_path / "dsp.json"
+    src.write_text(json.dumps(dsp_rows() * 4))
+    env = dict(os.environ, PRLHF_RECIPE_OVERRIDES=SHELL_FAST,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", str(RECIPES / "smollm2_dsp_rm_defaults.sh"), str(src), str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"rm_uniform", "prm_individual"}
+    assert report["methods"]["rm_uniform"]["flip_rate"] == 0.0
+    assert json.loads((out / "prm_individual" / "prlhf_config.json").read_text())["user_position"] == "after_response"

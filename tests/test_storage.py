@@ -139,3 +139,16 @@ def test_a_file_in_the_way_is_a_clear_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
         storage.check_output_path(tmp_path / "f" / "sub", "output_dir")
+
+
+def test_atomic_writes_get_the_usual_file_mode_not_mkstemps_private_one(tmp_path):
+    import os
+
+    from prlhf.storage import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

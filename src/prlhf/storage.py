@@ -52,6 +52,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None], suffix: str = "") -> None:
     """Call ``writer(tmp_path)`` on a temporary file beside ``path``, then move it into place."""
     path = Path(path)
@@ -61,6 +67,7 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None], su
     try:
         writer(tmp)
         _fsync(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); a written file gets the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

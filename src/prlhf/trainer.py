@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
 HEALTH_FLIP_FLOOR = 0.05  # below this flip rate in every user group, users count as not separating
 HEALTH_TRAIN_ACCURACY = 0.6  # ... while the training accuracy is at least this (or rising by 0.1)
+HEALTH_GAP = 0.25  # training accuracy this far above a near-chance held-out accuracy: memorizing pairs
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -256,6 +257,47 @@ def health_split(args: PDPOConfig, train_records: list[dict], eval_records: list
     return kept, held, groups
 
 
+def health_findings(step: int, max_steps: int, logs: dict[str, float], train_acc: list[float]) -> list[tuple[str, str]]:
+    """What an evaluation of the health slice says, as (kind, message) pairs:
+
+    * ``not_separating`` (from a quarter of the run on, while the training accuracy rises): no user
+      group's held-out preferences flip when its users are swapped for the generic user (flip rate
+      below ``HEALTH_FLIP_FLOOR`` in every group), or, from half of the run on, the users' own
+      embeddings score the held-out pairs no better than the generic user does;
+    * ``memorizing`` (from half of the run on): the training accuracy runs ``HEALTH_GAP`` or more
+      above the held-out accuracy, which stays near chance: the pairs are being learned, not the
+      preferences.
+
+    ``train_acc``: the logged training accuracies so far (the last three are averaged)."""
+    if not train_acc or step < 0.25 * max_steps:
+        return []
+    recent = sum(train_acc[-3:]) / len(train_acc[-3:])
+    rising = recent >= HEALTH_TRAIN_ACCURACY or recent - train_acc[0] >= 0.1
+    seen, generic = logs.get("eval_rewards/accuracies"), logs.get("eval_rewards/accuracies_generic")
+    per_group = {k.split("/", 1)[1]: v for k, v in logs.items() if k.startswith("eval_flip_rate/")}
+    flips = per_group or {"all users": logs["eval_flip_rate"]}
+    where = f"at step {step} of {max_steps}"
+    out = []
+    if rising and max(flips.values()) < HEALTH_FLIP_FLOOR:
+        out.append(("not_separating", (
+            f"users are not separating: {where}, swapping each user for the generic user flips "
+            f"{logs['eval_flip_rate']:.2f} of held-out preferences (by group: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(flips.items()))
+            + f") while the training accuracy is {recent:.2f}: the LLM is learning one preference for everyone "
+            "(the majority's) and the user model is not being used")))
+    elif rising and step >= 0.5 * max_steps and seen is not None and generic is not None and seen <= generic:
+        out.append(("not_separating", (
+            f"users are not separating: {where}, the users' own embeddings score {seen:.2f} of held-out pairs, the "
+            f"generic user {generic:.2f}, while the training accuracy is {recent:.2f}: the user model changes "
+            f"preferences (flip rate {logs['eval_flip_rate']:.2f}) but not towards the users' own")))
+    if step >= 0.5 * max_steps and seen is not None and recent - seen >= HEALTH_GAP and seen <= HEALTH_TRAIN_ACCURACY:
+        out.append(("memorizing", (
+            f"held-out accuracy is not following the training accuracy: {where}, {seen:.2f} on held-out pairs "
+            f"against {recent:.2f} in training: the training pairs are being memorized rather than the preferences "
+            "learned (more pairs per user, fewer epochs, or a lower learning_rate)")))
+    return out
+
+
 def health_causes(args) -> list[str]:
     """The likely causes of users that do not separate, for the health warning: the settings of
     ``args`` that differ from the measured-good ones first, then the ones that always apply."""
@@ -305,7 +347,8 @@ class _PreferenceTrainer(_ResumableTrainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._user_hits = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
         self._eval_pairs: list[tuple[int, float, float]] = []
-        self.health_warning: str | None = None
+        self.health_warning: str | None = None  # the "users are not separating" warning, once given
+        self.health_warnings: dict[str, str] = {}  # every health warning given, by kind
         self.health_groups: dict[str, str] = getattr(self, "health_groups", None) or {}
 
     def _registry(self) -> UserRegistry | None:
@@ -394,30 +437,23 @@ class _PreferenceTrainer(_ResumableTrainer):
         return out
 
     def _check_health(self, logs: dict[str, float]) -> None:
-        """Once a quarter of the run has passed: if no user group's preferences flip when its users
-        are swapped for the generic user (flip rate below ``HEALTH_FLIP_FLOOR``) while the training
-        accuracy is above chance (the LLM is learning the preference the users share, or the
-        majority's), warn once, with the likely causes and the settings to look at."""
+        """Warn once per finding of ``health_findings`` (users not separating; held-out accuracy
+        not following the training accuracy), with the settings to look at."""
         state = self.state
-        if self.health_warning is not None or not state.max_steps or state.global_step < 0.25 * state.max_steps:
+        if not state.max_steps:
             return
-        per_group = {k.split("/", 1)[1]: v for k, v in logs.items() if k.startswith("eval_flip_rate/")}
-        highest = max(per_group.values()) if per_group else logs["eval_flip_rate"]
         train_acc = [e["rewards/accuracies"] for e in state.log_history if "rewards/accuracies" in e and "loss" in e]
-        recent = sum(train_acc[-3:]) / len(train_acc[-3:]) if train_acc else None  # the last logged batches
-        rising = recent is not None and (recent >= HEALTH_TRAIN_ACCURACY or recent - train_acc[0] >= 0.1)
-        if highest >= HEALTH_FLIP_FLOOR or not rising:
-            return
-        self.health_warning = (
-            f"users are not separating: at step {state.global_step} of {state.max_steps}, swapping each user for the "
-            f"generic user flips {logs['eval_flip_rate']:.2f} of held-out preferences"
-            + (f" (by group: {', '.join(f'{k} {v:.2f}' for k, v in sorted(per_group.items()))})" if per_group else "")
-            + f" while the training accuracy is {recent:.2f}: the LLM is learning one preference for everyone (the "
-            "majority's) and the user model is not being used. Settings to look at: " + "; ".join(health_causes(self.args))
-            + ". If your users really share one preference, this is expected.")
-        logger.warning(self.health_warning)
-        print(f"WARNING: {self.health_warning}", file=sys.stderr, flush=True)
-        state.log_history.append({"health_warning": self.health_warning, "step": state.global_step})
+        for kind, message in health_findings(state.global_step, state.max_steps, logs, train_acc):
+            if kind in self.health_warnings:
+                continue
+            if kind == "not_separating":
+                message += ". Settings to look at: " + "; ".join(health_causes(self.args))
+                message += ". If your users really share one preference, this is expected."
+                self.health_warning = message
+            self.health_warnings[kind] = message
+            logger.warning(message)
+            print(f"WARNING: {message}", file=sys.stderr, flush=True)
+            state.log_history.append({"health_warning": message, "step": state.global_step})
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """``Trainer.evaluate`` plus the preference metrics (``eval_rewards/accuracies``, ...)."""
