@@ -148,7 +148,7 @@ def test_reward_model_training_has_the_health_signal_too(tmp_path):
 
 
 def test_health_findings_by_hand():
-    from prlhf.trainer import health_findings
+    from prlhf.health import health_findings
 
     logs = {"eval_rewards/accuracies": 0.55, "eval_rewards/accuracies_generic": 0.60, "eval_flip_rate": 0.2,
             "eval_flip_rate/majority": 0.15, "eval_flip_rate/minority": 0.3}

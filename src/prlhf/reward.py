@@ -37,7 +37,8 @@ from .guards import check_finite
 from .modeling import PersonalizedLM
 from .scoring import _backbone_and_head, position_ids_from_mask
 from .storage import IntegrityError
-from .trainer import _load_records, _PreferenceTrainer, disable_dropout, health_split, personalization_config
+from .health import health_split
+from .trainer import _load_records, _PreferenceTrainer, disable_dropout, personalization_config
 from .users import GENERIC_ROW, UserRegistry
 
 logger = logging.getLogger(__name__)
