@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from prlhf.runs import documented_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -34,18 +35,6 @@ OVERRIDES = ["--max_steps", "{steps}", "--per_device_train_batch_size", "2", "--
              "--bf16", "false", "--use_cpu", "true", "--save_strategy", "no", "--report_to", "none",
              "--disable_tqdm", "true", "--logging_steps", "1"]
 TRAIN_OVERRIDES = ["--lazy_reference", "true", "--eval_steps", "{steps}", "--eval_strategy", "steps"]
-
-
-def documented_commands(path: Path) -> list[list[str]]:
-    """The `prlhf sft` / `prlhf train` command lines of a recipe's comment header."""
-    cmds = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        text = re.sub(r"^#\s*(?:Run:|Then:)?\s*", "", line)
-        if text.startswith(("prlhf sft", "prlhf train")):
-            cmds.append(shlex.split(text)[1:])
-    return cmds
 
 
 def paper_recipes() -> list[Path]:

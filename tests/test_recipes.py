@@ -17,6 +17,7 @@ import yaml
 from conftest import two_user_records
 from fixtures import dsp_rows, tldr_rows, write_jsonl
 from prlhf.cli import main
+from prlhf.runs import documented_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -24,18 +25,6 @@ RECIPES = ROOT / "recipes"
 FAST = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
         "--bf16", "false", "--use_cpu", "true", "--max_length", "256", "--max_prompt_length", "128",
         "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
-
-
-def documented_commands(path: Path) -> list[list[str]]:
-    """The `prlhf sft` / `prlhf train` command lines of a recipe's comment header."""
-    cmds = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        text = re.sub(r"^#\s*(?:Run:|Then:)?\s*", "", line)
-        if text.startswith(("prlhf sft", "prlhf train")):
-            cmds.append(shlex.split(text)[1:])
-    return cmds
 
 
 def yaml_recipes() -> list[Path]:

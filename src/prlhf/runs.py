@@ -77,6 +77,21 @@ def run_record(command: str, date: str | None = None, note: str | None = None, *
     return rec
 
 
+def documented_commands(path) -> list[list[str]]:
+    """The `prlhf sft` / `prlhf train` command lines of a YAML recipe's comment header."""
+    import re
+    import shlex
+
+    cmds = []
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = re.sub(r"^#\s*(?:Run:|Then:)?\s*", "", line)
+        if text.startswith(("prlhf sft", "prlhf train")):
+            cmds.append(shlex.split(text)[1:])
+    return cmds
+
+
 def _num(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
