@@ -69,9 +69,9 @@ def test_documented_commands_run_as_written(tmp_path, monkeypatch):
         assert (tmp_path / cfg["output_dir"] / "prlhf_config.json").is_file(), f"{cmd}: no model saved"
 
 
-def run_shell_recipe(script: str, input_path: Path, out: Path, overrides: str) -> dict:
-    env = dict(os.environ, PRLHF_RECIPE_OVERRIDES=overrides, PRLHF_EVAL_OVERRIDES="--generate 1 --max-new-tokens 4",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+def run_shell_recipe(script: str, input_path: Path, out: Path, overrides: str, **env_extra: str) -> dict:
+    env = {**os.environ, "PRLHF_RECIPE_OVERRIDES": overrides, "PRLHF_EVAL_OVERRIDES": "--generate 1 --max-new-tokens 4",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env_extra}
     res = subprocess.run(["bash", str(RECIPES / script), str(input_path), str(out)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -129,10 +129,25 @@ def test_smollm2_dsp_recipe_runs_on_a_tiny_file(tmp_path):
 
 
 def test_smollm2_tldr_defaults_recipe_runs_on_a_tiny_file(tmp_path):
-    """The newcomer's run: P-DPO and vanilla DPO at the defaults, on half 2 of the file's workers."""
+    """The newcomer's run: P-DPO and vanilla DPO at the defaults, on half 2 of the workers; PRLHF_METHODS adds the
+    prompt baseline (vanilla DPO with the user id in the prompt)."""
     src = write_jsonl(tmp_path / "comparisons.jsonl", tldr_comparisons())
-    report = run_shell_recipe("smollm2_tldr_defaults.sh", src, tmp_path / "out", SHELL_FAST)
+    report = run_shell_recipe("smollm2_tldr_defaults.sh", src, tmp_path / "out", SHELL_FAST,
+                              PRLHF_METHODS="dpo dpo_user_id pdpo_individual", PRLHF_EVAL_OVERRIDES="--generate 1 --max-new-tokens 4 --per-pair")
     check_contract(report, lengths=False)
+    assert list(report["methods"]) == ["dpo", "dpo_user_id", "pdpo_individual"]
+    # with three methods, each is compared with every earlier one on the same pairs: P-DPO minus the prompt
+    # baseline, recomputed here from the per-pair results
+    models = json.loads((tmp_path / "out" / "metrics.json").read_text())["models"]
+    base = {p["index"]: p["correct"] for p in models["dpo_user_id"]["pairs"] if p["seen"]}
+    diffs = [p["correct"] - base[p["index"]] for p in models["pdpo_individual"]["pairs"] if p["seen"]]
+    pairwise = report["methods"]["pdpo_individual"]["accuracy_differences"]
+    assert set(pairwise) == {"dpo", "dpo_user_id"}
+    assert pairwise["dpo_user_id"]["seen"]["mean"] == pytest.approx(sum(diffs) / len(diffs))
+    assert pairwise["dpo_user_id"]["seen"]["n"] == len(diffs) == report["n_pairs"]["seen"]
+    assert pairwise["dpo"]["seen"] == report["methods"]["pdpo_individual"]["accuracy_difference"]["seen"]
+    assert "| pdpo_individual | dpo_user_id |" in (tmp_path / "out" / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "dpo_user_id" / "prlhf_config.json").read_text())["user_id_prompt"] == "[user: {user_id}]\n"
     pdpo = report["methods"]["pdpo_individual"]
     assert set(pdpo["flip_rate_by_group"]) == {"majority", "minority"} == set(pdpo["accuracy_by_group"])
     users = json.loads((tmp_path / "out" / "data" / "users.json").read_text())
@@ -147,18 +162,31 @@ def test_smollm2_dsp_defaults_recipe_runs_on_a_tiny_file(tmp_path):
     src.write_text(json.dumps(dsp_rows() * 4))
     report = run_shell_recipe("smollm2_dsp_defaults.sh", src, tmp_path / "out", SHELL_FAST)
     check_contract(report, lengths=False)
+    assert list(report["methods"]) == ["dpo", "pdpo_individual"]  # the default PRLHF_METHODS
     assert json.loads((tmp_path / "out" / "data" / "users.json").read_text())["options"]["query_half"] == 2
 
 
 def test_defaults_recipes_set_no_personalization_setting():
     """A newcomer's run gives `prlhf train` only the model, data, output folder, use_lora, lengths and steps."""
     allowed = {"--model_name_or_path", "--train_file", "--output_dir", "--user_model", "--use_lora", "--max_length",
-               "--max_prompt_length", "--max_steps", "--per_device_train_batch_size", "--reference_cache_dir"}
+               "--max_prompt_length", "--max_steps", "--per_device_train_batch_size", "--reference_cache_dir",
+               "--user_id_in_prompt"}  # the prompt baseline's defining flag, not a personalization setting
     for script in ("smollm2_tldr_defaults.sh", "smollm2_dsp_defaults.sh", "smollm2_dsp_rm_defaults.sh"):
         text = (RECIPES / script).read_text()
-        train = text[text.index("\n    prlhf " + ("rm train" if "_rm_" in script else "train")):text.index("\ndone")]
+        start = text.index("\n    prlhf " + ("rm train" if "_rm_" in script else "train"))
+        train = text[start:text.index("\ndone", start)]
         found = set(re.findall(r"--\w+", train))
-        assert found <= allowed and allowed - found <= {"--reference_cache_dir"}, script
+        assert found <= allowed and allowed - found <= {"--reference_cache_dir", "--user_id_in_prompt"}, script
+
+
+def test_defaults_recipes_refuse_an_unknown_method(tmp_path):
+    env = dict(os.environ, PRLHF_METHODS="dpo pdpo_cluster", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    src = tmp_path / "dsp.json"
+    src.write_text(json.dumps(dsp_rows() * 4))
+    res = subprocess.run(["bash", str(RECIPES / "smollm2_dsp_defaults.sh"), str(src), str(tmp_path / "out")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "unknown method 'pdpo_cluster'" in res.stderr
+    assert not (tmp_path / "out" / "dpo").exists()  # checked before any training
 
 
 def test_smollm2_dsp_rm_defaults_recipe_runs_on_a_tiny_file(tmp_path):

@@ -202,6 +202,7 @@ def cmd_eval(argv: list[str]) -> int:
         logger.warning("no training data for the user-match rate: pass --train-data (or --users beside a train.jsonl)")
     all_metrics, methods, generations, per_user, ref_caches = {}, {}, {}, {}, {}
     baseline = None  # (name, per-pair results) of the first model
+    earlier: list[tuple[str, list[dict]]] = []  # (name, per-pair results) of every model scored so far
     for path in a.model:
         name = Path(path).name if Path(path).name not in all_metrics else path
         model = PersonalizedLM.from_pretrained(path, **load)
@@ -223,6 +224,11 @@ def cmd_eval(argv: list[str]) -> int:
         else:  # accuracy gained over the first --model on the same pairs, paired bootstrap interval
             methods[name]["accuracy_difference"] = {"vs": baseline[0], **{
                 group: paired_difference(pairs, baseline[1], group) for group in ("seen", "unseen")}}
+        if len(earlier) >= 2:  # three or more models: the same paired difference against each earlier one
+            methods[name]["accuracy_differences"] = {other: {
+                group: paired_difference(pairs, other_pairs, group) for group in ("seen", "unseen")}
+                for other, other_pairs in earlier}
+        earlier.append((name, pairs))
         if gen is not None:
             generations[name] = gen.pop("generations")
             metrics["generation"] = gen

@@ -82,6 +82,20 @@ def comparison_table(methods: dict[str, dict]) -> str:
             d = (m.get("accuracy_difference") or {}).get("seen")
             cells.append("-" if not d else f"{d['mean']:+.3f}" + _ci(d["ci"]))
         lines.append("| " + " | ".join(cells) + " |")
+    pairwise = differences_table(methods)
+    return "\n".join(lines) + ("\n\n" + pairwise if pairwise else "")
+
+
+def differences_table(methods: dict[str, dict]) -> str:
+    """With three or more methods: each one's accuracy minus each earlier one's on the same held-out pairs
+    (paired bootstrap 95% intervals), seen and unseen users; empty when no method carries them."""
+    rows = [(name, other, d) for name, m in methods.items() for other, d in (m.get("accuracy_differences") or {}).items()]
+    if not rows:
+        return ""
+    lines = ["| method | minus | seen (paired) | unseen (paired) |", "|---|---|---|---|"]
+    for name, other, d in rows:
+        cells = ["-" if not d.get(g) else f"{d[g]['mean']:+.3f}" + _ci(d[g]["ci"]) for g in ("seen", "unseen")]
+        lines.append(f"| {name} | {other} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
