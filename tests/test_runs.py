@@ -34,3 +34,18 @@ def test_report_table_has_a_row_per_method_and_the_per_group_columns():
     assert lines[0].startswith("| method | acc seen") and "flip minority" in lines[0] and "acc minority" in lines[0]
     assert lines[2] == ("| dpo | 0.500 [0.40, 0.60] | 0.500 | 0.750 | 0.000 | 0.000 | 0.000 | 0.800 | 0.100 | - |")
     assert lines[3] == ("| pdpo | 0.700 | 0.500 | - | 0.250 | 0.100 | 0.600 | 0.750 | 0.600 | +0.200 [0.05, 0.35] |")
+
+
+def test_report_table_adds_every_pairwise_difference_when_a_report_has_them():
+    d = {"seen": {"mean": -0.05, "ci": [-0.1, 0.0]}, "unseen": None}
+    report = {"methods": {
+        "dpo": {"accuracy": {"seen": 0.5, "generic": 0.5, "unseen": None}},
+        "dpo_user_id": {"accuracy": {"seen": 0.6, "generic": 0.5, "unseen": None}},
+        "pdpo": {"accuracy": {"seen": 0.55, "generic": 0.5, "unseen": None},
+                 "accuracy_differences": {"dpo": {"seen": {"mean": 0.05, "ci": [0.0, 0.1]}, "unseen": None},
+                                          "dpo_user_id": d}}}}
+    lines = report_table(report).split("\n\n")[1].splitlines()
+    assert lines[0] == "| method | minus | seen (paired) | unseen (paired) |"
+    assert lines[2:] == ["| pdpo | dpo | +0.050 [0.00, 0.10] | - |", "| pdpo | dpo_user_id | -0.050 [-0.10, 0.00] | - |"]
+    two = {"methods": {k: v for k, v in report["methods"].items() if k != "pdpo"}}
+    assert "\n\n" not in report_table(two)  # no pairwise table without the key

@@ -21,6 +21,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .report import differences_table
+
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "prlhf")
 
 
@@ -118,7 +120,8 @@ def report_table(report: dict) -> str:
         cells += [_num((m.get("accuracy_by_group") or {}).get(g)) for g in groups]
         cells.append("-" if not diff else f"{diff['mean']:+.3f}{_ci(diff.get('ci'))}")
         rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    pairwise = differences_table(methods)  # three or more methods: each minus each earlier one
+    return "\n".join(rows) + ("\n\n" + pairwise if pairwise else "")
 
 
 def main(argv: list[str] | None = None) -> int:
