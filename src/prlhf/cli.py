@@ -201,8 +201,7 @@ def cmd_eval(argv: list[str]) -> int:
     elif a.generate:
         logger.warning("no training data for the user-match rate: pass --train-data (or --users beside a train.jsonl)")
     all_metrics, methods, generations, per_user, ref_caches = {}, {}, {}, {}, {}
-    baseline = None  # (name, per-pair results) of the first model
-    earlier: list[tuple[str, list[dict]]] = []  # (name, per-pair results) of every model scored so far
+    earlier: list[tuple[str, list[dict]]] = []  # (name, per-pair results) of every model scored so far; the first is the baseline
     for path in a.model:
         name = Path(path).name if Path(path).name not in all_metrics else path
         model = PersonalizedLM.from_pretrained(path, **load)
@@ -219,11 +218,9 @@ def cmd_eval(argv: list[str]) -> int:
                                       progress=lambda i, n: logger.info("generated %d/%d", i, n),
                                       **gen_kwargs)
         methods[name] = method_summary(metrics, pairs, gen, groups, matcher, match_groups)
-        if baseline is None:
-            baseline = (name, pairs)
-        else:  # accuracy gained over the first --model on the same pairs, paired bootstrap interval
-            methods[name]["accuracy_difference"] = {"vs": baseline[0], **{
-                group: paired_difference(pairs, baseline[1], group) for group in ("seen", "unseen")}}
+        if earlier:  # accuracy gained over the first --model on the same pairs, paired bootstrap interval
+            methods[name]["accuracy_difference"] = {"vs": earlier[0][0], **{
+                group: paired_difference(pairs, earlier[0][1], group) for group in ("seen", "unseen")}}
         if len(earlier) >= 2:  # three or more models: the same paired difference against each earlier one
             methods[name]["accuracy_differences"] = {other: {
                 group: paired_difference(pairs, other_pairs, group) for group in ("seen", "unseen")}

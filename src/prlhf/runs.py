@@ -21,6 +21,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .report import _ci
+from .report import _f as _num
 from .report import differences_table
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "prlhf")
@@ -92,14 +94,6 @@ def documented_commands(path) -> list[list[str]]:
         if text.startswith(("prlhf sft", "prlhf train")):
             cmds.append(shlex.split(text)[1:])
     return cmds
-
-
-def _num(x, digits=3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _ci(ci) -> str:
-    return "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def report_table(report: dict) -> str:
