@@ -60,7 +60,8 @@ def pairs_for_users(source: str, n_users: int, k: int, seed: int) -> list[dict]:
 
 
 def build(model_name: str, user_tokens: int, lora: bool):
-    from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+    from prlhf.config import PersonalizationConfig
+    from prlhf.modeling import PersonalizedLM
     from prlhf.users import UserRegistry
 
     config = PersonalizationConfig(model_name, user_model="individual", n_user_tokens=user_tokens,

@@ -20,12 +20,12 @@ import argparse
 import json
 import platform
 import random
-import re
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
 from prlhf.runs import documented_commands
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -44,7 +44,8 @@ def free_port() -> int:
 def tiny_model(folder: Path, n_users: int) -> Path:
     import torch
 
-    from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+    from prlhf.config import PersonalizationConfig
+    from prlhf.modeling import PersonalizedLM
     from prlhf.models import tiny_llama
     from prlhf.users import UserRegistry
 

@@ -256,7 +256,8 @@ def generation_speed(model_name: str, records: list[dict], n: int, new_tokens: i
     """Batched multi-user generation (one ``generate`` call, KV cache) vs one prompt at a time."""
     import torch
 
-    from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+    from prlhf.config import PersonalizationConfig
+    from prlhf.modeling import PersonalizedLM
     from prlhf.users import UserRegistry
 
     users = sorted({r["user_id"] for r in records})
@@ -286,7 +287,8 @@ def shared_prompt_speed(model_name: str, records: list[dict], n_users: int, new_
     once and shared by its users' rows, against the plain batch that runs the prompt in every row."""
     import torch
 
-    from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+    from prlhf.config import PersonalizationConfig
+    from prlhf.modeling import PersonalizedLM
     from prlhf.users import UserRegistry
 
     users = [f"user_{i}" for i in range(n_users)]

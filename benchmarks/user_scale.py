@@ -39,8 +39,8 @@ def worker(kind: str, n_users: int, mode: str, a: dict, conn) -> None:
     try:
         import torch
 
-        from prlhf.config import PDPOConfig
-        from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+        from prlhf.config import PDPOConfig, PersonalizationConfig
+        from prlhf.modeling import PersonalizedLM
         from prlhf.models import tiny_llama
         from prlhf.sources.synthetic import synthesize
         from prlhf.trainer import PDPOTrainer

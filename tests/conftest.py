@@ -9,8 +9,9 @@ import tempfile
 import pytest
 import torch
 
+from prlhf.config import PersonalizationConfig
 from prlhf.data import TokenizeSettings, load_preference_data, tokenize_dataset
-from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
 from prlhf.users import UserRegistry
 
@@ -70,7 +71,7 @@ def plain_reference_logps(model, batch, reference=None):
     """log pi_SFT(y | x) of a plain collated batch: user positions masked out, full logits;
     ``reference`` a frozen LM, or None for the model's base with its LoRA adapters disabled."""
     from prlhf.losses import sequence_logps
-    from prlhf.modeling import position_ids_from_mask
+    from prlhf.scoring import position_ids_from_mask
 
     attention_mask = batch["attention_mask"] * (~batch["user_mask"]).long()
     kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)

@@ -6,8 +6,8 @@ import os
 import sys
 
 import torch
-
 from conftest import two_user_records
+
 from prlhf.config import PDPOConfig
 from prlhf.trainer import PDPOTrainer
 

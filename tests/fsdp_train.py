@@ -12,8 +12,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from conftest import two_user_records
+
 from prlhf.config import PDPOConfig
 from prlhf.trainer import PDPOTrainer
 

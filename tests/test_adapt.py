@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_model, collate, two_user_records
+
 from prlhf.adapt import adapt_users, disagreement_scores, export_user, list_users, remove_user, suggest_pairs
 from prlhf.cli import main
 from prlhf.config import PDPOConfig

@@ -8,11 +8,13 @@ shorter than the sequences), training refuses them with a message naming the set
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import two_user_records
+
+from prlhf.config import PersonalizationConfig
 from prlhf.data import PreferenceCollator, load_preference_data, tokenize_dataset, tokenize_response
-from prlhf.modeling import PersonalizationConfig, PersonalizedLM, verify_fast_paths
+from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_tokenizer
+from prlhf.scoring import verify_fast_paths
 from prlhf.users import UserRegistry
 
 RECS = [

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import yaml
-
 from conftest import two_user_records
+
 from prlhf.cli import main
 
 TRAIN_KW = {"model_name_or_path": "tiny-llama", "user_model": "individual", "n_user_tokens": 2, "learning_rate": 1e-3,

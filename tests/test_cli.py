@@ -4,8 +4,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import two_user_records
+
 from prlhf.cli import ConfigError, main, parse_config
 from prlhf.config import PDPOConfig
 

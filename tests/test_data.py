@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from prlhf.data import (DataError, PreferenceCollator, TokenizeSettings, load_preference_data, tokenize_dataset,
-                        tokenize_response)
+from prlhf.data import DataError, PreferenceCollator, TokenizeSettings, load_preference_data, tokenize_dataset, tokenize_response
 from prlhf.models import tiny_llama
 from prlhf.users import UserRegistry
 

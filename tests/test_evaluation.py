@@ -70,6 +70,7 @@ def test_models_with_the_same_reference_share_its_scores():
     """Two models from one base (vanilla and personalized, LoRA): the shared reference cache gives
     the same accuracies as scoring each alone, and the second model adds no reference entries."""
     from conftest import build_model, two_user_records
+
     from prlhf.evaluation import evaluate_accuracy, reference_identity
 
     records = two_user_records(n_prompts=3, users=("a", "b"))

@@ -6,8 +6,8 @@ import json
 from collections import Counter
 
 import pytest
-
 from conftest import two_user_records
+
 from prlhf.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE, PDPOConfig
 from prlhf.data import hold_out_pairs
 from prlhf.reward import PRMConfig

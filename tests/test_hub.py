@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import build_model, collate, two_user_records
+
 from prlhf.modeling import PersonalizedLM
 
 

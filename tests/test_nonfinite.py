@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import build_model, two_user_records
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from conftest import build_model, two_user_records
 from prlhf.cli import main
 from prlhf.config import PDPOConfig
-from prlhf.modeling import NonFiniteError
+from prlhf.guards import NonFiniteError
 from prlhf.reference import cached_reference_logps
 from prlhf.storage import verify_manifest
 from prlhf.trainer import PDPOTrainer, latest_checkpoint

@@ -6,16 +6,15 @@ end on tiny data files of their input formats (PRLHF_RECIPE_OVERRIDES makes them
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import two_user_records
 from fixtures import dsp_rows, tldr_rows, write_jsonl
+
 from prlhf.cli import main
 from prlhf.runs import documented_commands
 

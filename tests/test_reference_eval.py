@@ -6,8 +6,8 @@ implicit rewards at evaluation are those of the last training step. Dropout is o
 
 import pytest
 import torch
-
 from conftest import two_user_records
+
 from prlhf.config import PDPOConfig
 from prlhf.data import PreferenceCollator
 from prlhf.evaluation import load_reference

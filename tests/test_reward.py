@@ -7,12 +7,20 @@ import math
 
 import pytest
 import torch
-
 from conftest import build_model, collate, two_user_records
-from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+
+from prlhf.config import PersonalizationConfig
+from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
-from prlhf.reward import (PersonalizedRewardModel, PRMConfig, PRMTrainer, bradley_terry_loss, evaluate_reward_accuracy,
-                          last_token_index, prm_loss)
+from prlhf.reward import (
+    PersonalizedRewardModel,
+    PRMConfig,
+    PRMTrainer,
+    bradley_terry_loss,
+    evaluate_reward_accuracy,
+    last_token_index,
+    prm_loss,
+)
 from prlhf.trainer import latest_checkpoint
 from prlhf.users import UserRegistry
 
@@ -221,9 +229,9 @@ def test_a_policy_folder_is_not_a_reward_model(tmp_path):
 
 def test_cli_rm_train_eval_score(tmp_path, capsys):
     import yaml
+    from test_cli import write_jsonl
 
     from prlhf.cli import main
-    from test_cli import write_jsonl
 
     train = write_jsonl(tmp_path / "train.jsonl", two_user_records(n_prompts=16))
     test = write_jsonl(tmp_path / "test.jsonl", two_user_records(n_prompts=4, seed=1) + [
@@ -313,8 +321,9 @@ def test_best_of_n_picks_the_users_highest_reward(trained_prm):
 
 
 def test_cli_generate_best_of(trained_prm, tmp_path):
-    from prlhf.cli import main
     from test_cli import write_jsonl
+
+    from prlhf.cli import main
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q: the dog\nA:", "user_id": "long_fan"},
                                                  {"prompt": "Q: the sun\nA:", "user_id": "short_fan", "k": 1}])

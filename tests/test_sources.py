@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from fixtures import SHARED, dsp_rows, prism_folder, psoups_files, tldr_rows, write_jsonl
+
 from prlhf.cli import main
 from prlhf.data import DataError, load_preference_data
 from prlhf.inspection import inspect_pairs

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import build_model, plain_logps, plain_reference_logps, two_user_records
-from prlhf.config import PDPOConfig
+
+from prlhf.config import PDPOConfig, PersonalizationConfig
 from prlhf.data import PreferenceCollator, TokenizeSettings, load_preference_data, tokenize_dataset
 from prlhf.losses import personalized_loss, preference_loss
-from prlhf.modeling import PersonalizationConfig, PersonalizedLM, packed_attention
+from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
+from prlhf.scoring import packed_attention
 from prlhf.trainer import PDPOTrainer
 from prlhf.users import UserRegistry
 

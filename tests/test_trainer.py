@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import two_user_records
-from prlhf.config import PDPOConfig, PSFTConfig
+
+from prlhf.config import PDPOConfig, PersonalizationConfig, PSFTConfig
 from prlhf.evaluation import evaluate_accuracy
-from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
 from prlhf.trainer import PDPOTrainer, PSFTTrainer, latest_checkpoint
 from prlhf.users import UserRegistry

@@ -6,8 +6,7 @@ import json
 import pytest
 
 from prlhf.report import method_summary
-from prlhf.user_match import (NearestCentroidMatcher, build_matcher, flip_rate, load_match_groups, response_text,
-                              user_match_rate)
+from prlhf.user_match import NearestCentroidMatcher, build_matcher, flip_rate, load_match_groups, response_text, user_match_rate
 
 COOKING = ["stir the soup and add salt", "bake the bread in the oven", "chop onions and fry them in butter"]
 SPORTS = ["the striker scored a goal", "the team won the match in overtime", "the goalkeeper saved a penalty"]

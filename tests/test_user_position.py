@@ -5,16 +5,17 @@ log-probs and loss, and generation must continue the prompt after the user token
 
 import pytest
 import torch
-
 from conftest import two_user_records
-from prlhf.config import PDPOConfig
+from test_speed_paths import RECS, rel
+
+from prlhf.config import PDPOConfig, PersonalizationConfig
 from prlhf.data import build_sequence, load_preference_data, tokenize_dataset
 from prlhf.losses import sequence_logps
-from prlhf.modeling import PersonalizationConfig, PersonalizedLM, packed_attention
+from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
+from prlhf.scoring import packed_attention
 from prlhf.trainer import PDPOTrainer
 from prlhf.users import GENERIC_ROW, UserRegistry
-from test_speed_paths import RECS, rel
 
 
 def model_for(user_model="individual", position="before_response", **cfg):
@@ -155,7 +156,7 @@ def test_shared_prompt_cache_gives_the_plain_generations():
         embeds = model.embed(shared["input_ids"], shared["implicit_mask"], shared["user_rows"])
         cache = model.prefill_prompts(shared, embeds)
         w = shared["prompt_width"]
-        from prlhf.modeling import cache_kwarg, position_ids_from_mask
+        from prlhf.scoring import cache_kwarg, position_ids_from_mask
         out = model.llm(inputs_embeds=embeds[:, w:], attention_mask=shared["attention_mask"],
                         position_ids=position_ids_from_mask(shared["attention_mask"])[:, w:], **{cache_kwarg(model.llm): cache})
         batch = model.prepare_prompts(prompts, users, texts)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import two_user_records
-from prlhf.config import PDPOConfig
-from prlhf.modeling import PersonalizationConfig, PersonalizedLM
+
+from prlhf.config import PDPOConfig, PersonalizationConfig
+from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
 from prlhf.optim import CombinedOptimizer, clip_grad_norm_
 from prlhf.trainer import PDPOTrainer

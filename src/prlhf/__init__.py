@@ -19,7 +19,7 @@ _EXPORTS = {
     "personalized_loss": "losses",
     "preference_loss": "losses",
     "sequence_logps": "losses",
-    "PersonalizationConfig": "modeling",
+    "PersonalizationConfig": "config",
     "PersonalizedLM": "modeling",
     "load_model_and_tokenizer": "models",
     "PDPOTrainer": "trainer",

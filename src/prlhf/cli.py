@@ -130,10 +130,8 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_sft(argv: list[str]) -> int:
-    from .config import PSFTConfig
+    from .config import PDPOConfig, PSFTConfig
     from .trainer import PSFTTrainer
-
-    from .config import PDPOConfig
 
     pdpo_only = {f.name for f in dataclasses.fields(PDPOConfig)} - {f.name for f in dataclasses.fields(PSFTConfig)}
     cfg = parse_config(PSFTConfig, argv, ignore=pdpo_only)
@@ -165,14 +163,13 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
 
 
 def cmd_eval(argv: list[str]) -> int:
+    from .config import EvalConfig
     from .data import load_preference_data
     from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups, paired_difference
     from .modeling import PersonalizedLM
     from .reference import load_reference, reference_identity
     from .report import comparison_table, method_summary, write_report
     from .user_match import build_matcher, load_match_groups, user_match_rate
-
-    from .config import EvalConfig
 
     a = parse_config(EvalConfig, _merge_repeated(argv, "--model"))
     gen_kwargs = a.generation_kwargs()
@@ -263,9 +260,8 @@ def cmd_eval(argv: list[str]) -> int:
 def cmd_generate(argv: list[str]) -> int:
     import torch
 
-    from .modeling import PersonalizedLM
-
     from .config import GenerateConfig
+    from .modeling import PersonalizedLM
 
     a = parse_config(GenerateConfig, argv)
     if a.output:
@@ -862,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .data import DataError
-    from .modeling import NonFiniteError
+    from .guards import NonFiniteError
 
     try:
         return COMMANDS[argv[0]](argv[1:])

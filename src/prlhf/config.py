@@ -30,6 +30,30 @@ def _f(default, help: str, **kw):
 
 
 @dataclass
+class PersonalizationConfig:
+    """What a saved personalized model needs to be rebuilt (written as ``prlhf_config.json``)."""
+
+    base_model_name_or_path: str
+    user_model: str = "individual"
+    n_user_tokens: int = 10
+    n_clusters: int = 10
+    cluster_weighting: str = "softmax"
+    user_init: str = "vocab"
+    user_offset_init: str = "zero"
+    max_user_text_tokens: int = 128
+    use_lora: bool = False
+    reference_model_name_or_path: str | None = None  # pi_SFT; None with LoRA: the base, adapters disabled
+    user_id_prompt: str | None = None  # baseline: user id written into the prompt (see data.with_user_id)
+    seed: int = 0
+    user_position: str = "prefix"  # where the user tokens go: after BOS (the paper's) or before the response
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_implicit_tokens(self) -> int:
+        return 0 if self.user_model == "none" else self.n_user_tokens
+
+
+@dataclass
 class PrlhfArguments(TrainingArguments):
     """Model, data and LoRA settings shared by SFT and P-DPO."""
 

@@ -17,10 +17,10 @@ import logging
 import time
 from pathlib import Path
 
-from .config import PDPOConfig, PSFTConfig
+from .config import PDPOConfig, PersonalizationConfig, PSFTConfig
 from .data import load_preference_data
 from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups
-from .modeling import PersonalizationConfig, PersonalizedLM
+from .modeling import PersonalizedLM
 from .models import load_model_and_tokenizer
 from .reference import reference_identity
 from .report import comparison_table, method_summary, write_report

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from .data import tokenize_dataset
-from .modeling import PersonalizedLM, packing_supported
+from .modeling import PersonalizedLM
 from .reference import load_reference, reference_identity  # noqa: F401 - their home is prlhf.reference
+from .scoring import packing_supported
 from .users import GENERIC_ROW
 
 NO_USER = "<none>"

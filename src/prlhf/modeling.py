@@ -24,49 +24,20 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .data import (PreferenceCollator, TokenizeSettings, build_sequence, collate_sequences, tokenize_prompt,
-                   with_user_id)
-from .guards import NonFiniteError, check_finite  # noqa: F401 - re-exported
+from .config import PersonalizationConfig
+from .data import PreferenceCollator, TokenizeSettings, build_sequence, collate_sequences, tokenize_prompt, with_user_id
 from .models import load_model_and_tokenizer, resolve_device
-from .persistence import (CONFIG_NAME, USER_MODEL_NAME, USERS_NAME, load_personalized,  # noqa: F401 - re-exported
-                          load_weights_into, push_personalized, read_config, save_personalized)
-from .scoring import (PACKING_ATTENTION, attention_mask_4d, cache_kwarg, check_packing_supported, packed_attention,  # noqa: F401
-                      packing_refusal, packing_supported, position_ids_from_mask, score_targets, sum_per_sequence,
-                      verify_fast_paths)
+from .persistence import CONFIG_NAME, load_personalized, load_weights_into, push_personalized, save_personalized
+from .scoring import cache_kwarg, position_ids_from_mask, score_targets, sum_per_sequence
 from .user_models import ImplicitUserModel, build_user_model, encode_user_text
 from .users import UserRegistry
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PersonalizationConfig:
-    """What a saved personalized model needs to be rebuilt (written as ``prlhf_config.json``)."""
-
-    base_model_name_or_path: str
-    user_model: str = "individual"
-    n_user_tokens: int = 10
-    n_clusters: int = 10
-    cluster_weighting: str = "softmax"
-    user_init: str = "vocab"
-    user_offset_init: str = "zero"
-    max_user_text_tokens: int = 128
-    use_lora: bool = False
-    reference_model_name_or_path: str | None = None  # pi_SFT; None with LoRA: the base, adapters disabled
-    user_id_prompt: str | None = None  # baseline: user id written into the prompt (see data.with_user_id)
-    seed: int = 0
-    user_position: str = "prefix"  # where the user tokens go: after BOS (the paper's) or before the response
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def n_implicit_tokens(self) -> int:
-        return 0 if self.user_model == "none" else self.n_user_tokens
 
 
 class PersonalizedLM(nn.Module):

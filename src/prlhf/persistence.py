@@ -1,7 +1,11 @@
 """Saving and loading personalized models: one folder (base weights or LoRA adapter, tokenizer,
 ``user_model.safetensors``, ``users.json``, ``prlhf_config.json``, the ``README.md`` model card and
 ``manifest.json``), written atomically as a whole and verified on load; Hub upload and download
-through ``huggingface_hub``."""
+through ``huggingface_hub``.
+
+This module sits below ``prlhf.modeling``: it knows a personalized model by its attributes (``llm``,
+``tokenizer``, ``user_model``, ``registry``, ``prlhf_config``), and ``load_personalized`` is given
+the class to build."""
 
 from __future__ import annotations
 
@@ -10,21 +14,18 @@ import logging
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .card import model_card
+from .config import PersonalizationConfig
 from .guards import check_finite
 from .models import load_model_and_tokenizer, resolve_device
 from .storage import MANIFEST_NAME, IntegrityError, recover_folder, save_folder, verify_manifest
 from .user_models import build_user_model
 from .users import UserRegistry
-
-if TYPE_CHECKING:
-    from .modeling import PersonalizationConfig, PersonalizedLM
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ USER_MODEL_NAME = "user_model.safetensors"
 USERS_NAME = "users.json"
 
 
-def save_personalized(model: PersonalizedLM, save_directory: str | os.PathLike, state_dict: dict | None = None,
+def save_personalized(model: nn.Module, save_directory: str | os.PathLike, state_dict: dict | None = None,
                     extra_files: dict[str, str] | None = None, card_training: dict | None = None,
                     card_metrics: dict | None = None, extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
                     card_kind: str = "policy") -> None:
@@ -75,9 +76,9 @@ def save_personalized(model: PersonalizedLM, save_directory: str | os.PathLike, 
     save_folder(Path(save_directory), write)
 
 
-def load_personalized(model_cls: type[PersonalizedLM], directory: str | os.PathLike, trust_remote_code: bool = False,
+def load_personalized(model_cls: type, directory: str | os.PathLike, trust_remote_code: bool = False,
                     is_trainable: bool = False, device: str | torch.device | None = None,
-                    **load_kwargs) -> PersonalizedLM:
+                    **load_kwargs) -> nn.Module:
     """Restore a model written by ``save_pretrained`` from a local folder or a Hub repository
     (``owner/name``, fetched with ``huggingface_hub.snapshot_download``; ``revision`` and
     ``local_files_only`` pass through); every file is checked against ``manifest.json`` first
@@ -118,7 +119,7 @@ def load_personalized(model_cls: type[PersonalizedLM], directory: str | os.PathL
     return model
 
 
-def push_personalized(model: PersonalizedLM, repo_id: str, private: bool | None = None, token: str | None = None,
+def push_personalized(model: nn.Module, repo_id: str, private: bool | None = None, token: str | None = None,
                 commit_message: str = "Upload personalized model (prlhf)", revision: str | None = None,
                 api=None) -> str:
     """Save this model (the same folder as ``save_pretrained``: weights, user model, registry,
@@ -138,7 +139,7 @@ def push_personalized(model: PersonalizedLM, repo_id: str, private: bool | None 
                                  revision=revision)
 
 
-def load_weights_into(model: PersonalizedLM, directory: str | os.PathLike) -> None:
+def load_weights_into(model: nn.Module, directory: str | os.PathLike) -> None:
     """Load a checkpoint's weights into this model in place (used to resume training)."""
     directory = Path(directory)
     if model.is_lora:
@@ -179,8 +180,6 @@ def read_config(path: Path) -> PersonalizationConfig:
         raise IntegrityError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise IntegrityError(f"{path}: expected a JSON object")
-    from .modeling import PersonalizationConfig
-
     known = {f.name for f in fields(PersonalizationConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:

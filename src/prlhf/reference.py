@@ -30,17 +30,15 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from .guards import NonFiniteError
 from .models import ALIASES, cache_dir, load_model_and_tokenizer
 from .storage import atomic_write_with
-
-if TYPE_CHECKING:
-    from .modeling import PersonalizedLM
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +129,6 @@ def cached_reference_logps(examples: list[dict], key: str, compute: Callable[[],
     seconds = time.perf_counter() - start
     bad = (~torch.isfinite(logps)).any(dim=1).nonzero().flatten().tolist()
     if bad:
-        from .modeling import NonFiniteError
-
         raise NonFiniteError(f"non-finite reference log-probs (NaN or inf) for {len(bad)} of {len(examples)} pairs "
                              f"(first: pair {bad[0]}); the reference model's weights or dtype are broken, nothing was cached")
     if path is not None:
@@ -160,7 +156,7 @@ def training_reference(ref_path: str | None, reference_model=None, trust_remote_
     return reference_model
 
 
-def reference_record(model: PersonalizedLM, reference_model, ref_path: str | None) -> str | None:
+def reference_record(model: nn.Module, reference_model, ref_path: str | None) -> str | None:
     """What ``prlhf_config.reference_model_name_or_path`` records: the given path; for a reference
     object, the folder or hub id it was loaded from (None, with a warning, when it has none);
     None for LoRA without a reference (its base, adapters disabled); else the base model, the
@@ -177,7 +173,7 @@ def reference_record(model: PersonalizedLM, reference_model, ref_path: str | Non
     return None if model.is_lora else model.prlhf_config.base_model_name_or_path
 
 
-def reference_identity(model: PersonalizedLM, reference: str | None = None) -> tuple:
+def reference_identity(model: nn.Module, reference: str | None = None) -> tuple:
     """What a model's reference log-probs on given records depend on besides the records and the
     truncation: the reference (a path, or the LoRA base) and the prompt text (the user-id
     baseline rewrites prompts). Models with equal identities can share ``ref_cache``."""
@@ -186,7 +182,7 @@ def reference_identity(model: PersonalizedLM, reference: str | None = None) -> t
     return ("reference", ref, cfg.user_id_prompt) if ref else ("lora-base", cfg.base_model_name_or_path, cfg.user_id_prompt)
 
 
-def load_reference(model: PersonalizedLM, reference: str | None = None, trust_remote_code: bool = False,
+def load_reference(model: nn.Module, reference: str | None = None, trust_remote_code: bool = False,
                    **load_kwargs):
     """pi_SFT for a saved model: the given path, else the one recorded at training time; None
     for LoRA models trained without a reference (their base with adapters disabled)."""

@@ -34,10 +34,10 @@ from .config import LORA_LEARNING_RATE, PDPOConfig, _f
 from .data import REWARD_USER_POSITIONS, PreferenceCollator, load_preference_data, tokenize_dataset
 from .evaluation import score_pairs
 from .guards import check_finite
+from .health import health_split
 from .modeling import PersonalizedLM
 from .scoring import _backbone_and_head, position_ids_from_mask
 from .storage import IntegrityError
-from .health import health_split
 from .trainer import _load_records, _PreferenceTrainer, disable_dropout, personalization_config
 from .users import GENERIC_ROW, UserRegistry
 

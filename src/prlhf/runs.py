@@ -21,9 +21,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .report import _ci
+from .report import _ci, differences_table
 from .report import _f as _num
-from .report import differences_table
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "prlhf")
 

@@ -10,14 +10,11 @@ packing and the response-only head against the plain layout with full logits at 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from .modeling import PersonalizedLM
+from .data import load_preference_data, tokenize_dataset
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -177,12 +174,11 @@ def packing_refusal(llm: nn.Module, max_packed_length: int | None = None) -> str
     return None
 
 
-def verify_fast_paths(model: "PersonalizedLM", data: list[dict], packing: bool = True, fast_head: bool = True,
+def verify_fast_paths(model: nn.Module, data: list[dict], packing: bool = True, fast_head: bool = True,
                       atol: float = 1e-3, n_pairs: int = 2) -> str | None:
     """Check packing and the response-only LM head against the plain layout with full logits on a
     few pairs of ``data`` (records or tokenized examples) at start-up. Returns what is wrong, naming
-    the setting to turn off, or None when both agree (or are off)."""
-    from .data import load_preference_data, tokenize_dataset
+    the setting to turn off, or None when both agree (or are off). ``model``: a ``PersonalizedLM``."""
 
     if not data or not (packing or fast_head):
         return None

@@ -248,12 +248,12 @@ def _completion_logprobs(c: Completion) -> dict:
 
 def create_app(server: Server, api_key: str | None = None):
     """The FastAPI application around a ``Server``."""
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):

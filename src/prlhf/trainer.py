@@ -21,19 +21,29 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .config import LAZY_ROWS_FROM, PDPOConfig, PSFTConfig
+from .config import LAZY_ROWS_FROM, PDPOConfig, PersonalizationConfig, PSFTConfig
 from .data import SFTCollator, TokenizeSettings, load_preference_data, tokenize_dataset
+from .guards import NonFiniteError, check_finite
 from .health import health_causes, health_findings, health_split
 from .losses import personalized_loss, preference_loss
-from .modeling import (NonFiniteError, PersonalizationConfig, PersonalizedLM, check_finite, packing_refusal,
-                       position_ids_from_mask, verify_fast_paths)
+from .modeling import PersonalizedLM
 from .models import load_model_and_tokenizer
-from .scoring import score_targets
 from .optim import CombinedOptimizer, LazyAdam, clip_grad_norm_, grad_values
+from .reference import (
+    cache_key,
+    cached_reference_logps,
+    compute_reference_logps,
+    default_cache_dir,
+    fingerprint_examples,
+    fingerprint_module,
+    fingerprint_tokenizer,
+    load_reference,
+    portable_path,
+    reference_record,
+    training_reference,
+)
+from .scoring import packing_refusal, position_ids_from_mask, score_targets, verify_fast_paths
 from .storage import atomic_write_text, save_folder
-from .reference import (cache_key, cached_reference_logps, compute_reference_logps, default_cache_dir, fingerprint_examples,
-                        fingerprint_module, fingerprint_tokenizer, load_reference, portable_path, reference_record,
-                        training_reference)
 from .users import GENERIC_ROW, UserRegistry
 
 logger = logging.getLogger(__name__)

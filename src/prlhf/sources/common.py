@@ -19,7 +19,6 @@ from pathlib import Path
 from ..data import DataError
 from ..storage import MANIFEST_NAME, atomic_write_text, check_output_path, save_folder, write_manifest
 
-
 FRACTION_OPTIONS = ("test_fraction", "long_share", "unseen_fraction", "majority_share")
 
 
