@@ -57,11 +57,23 @@ def collate(model, records, side="right", **settings):
     return model.collator(side)(examples)
 
 
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of the labelled tokens of each sequence.
+
+    logits (N, T, V) predict token t+1 at position t; labels (N, T) hold the token ids to score
+    and -100 elsewhere. Returns (N,): sum_t log p(labels[t] | tokens < t).
+    """
+    labels = labels[:, 1:]  # (N, T-1)
+    logits = logits[:, :-1]  # (N, T-1, V)
+    mask = labels != -100
+    safe = labels.masked_fill(~mask, 0)
+    token_logps = torch.gather(logits.float().log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)  # (N, T-1)
+    return (token_logps * mask).sum(-1)
+
+
 def plain_logps(model, batch, user_rows):
     """log pi_P(y | x, u) summed over response tokens of a plain collated batch, for one user row
     per sequence (N,): full logits at every position, 2D mask (the plain reference computation)."""
-    from prlhf.losses import sequence_logps
-
     logits = model(batch["input_ids"], batch["attention_mask"], batch["implicit_mask"], user_rows)
     return sequence_logps(logits, batch["labels"])
 

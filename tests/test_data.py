@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from prlhf.data import DataError, PreferenceCollator, TokenizeSettings, load_preference_data, tokenize_dataset, tokenize_response
+from prlhf.collate import PreferenceCollator
+from prlhf.data import DataError, TokenizeSettings, load_preference_data, tokenize_dataset, tokenize_response
 from prlhf.models import tiny_llama
 from prlhf.users import UserRegistry
 

@@ -8,9 +8,8 @@ from collections import Counter
 import pytest
 from conftest import two_user_records
 
-from prlhf.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE, PDPOConfig
+from prlhf.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE, PDPOConfig, PRMConfig
 from prlhf.data import hold_out_pairs
-from prlhf.reward import PRMConfig
 from prlhf.trainer import PDPOTrainer
 
 WARNING = "users are not separating"

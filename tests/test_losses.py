@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import sequence_logps
 
-from prlhf.losses import personalized_loss, preference_loss, sequence_logps
+from prlhf.losses import draw_user_terms, personalized_loss, preference_loss, sft_term
 
 # log-probs of two pairs: policy (chosen, rejected) and reference (chosen, rejected)
 PC, PR = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])
@@ -69,3 +70,21 @@ def test_sequence_logps_sums_labelled_tokens():
     lp = logits.log_softmax(-1)
     expected = lp[0, 0, 2] + lp[0, 2, 4]  # position t predicts token t + 1
     assert sequence_logps(logits, labels).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_sft_term_is_the_mean_token_nll_of_chosen():
+    # chosen log-probs -6 over 3 tokens and -2 over 0 tokens (clamped to 1)
+    got = sft_term(torch.tensor([-6.0, -2.0]), torch.tensor([3, 0]))
+    assert got.tolist() == pytest.approx([2.0, 2.0])
+
+
+def test_draw_user_terms_takes_the_user_term_with_probability_alpha():
+    torch.manual_seed(0)
+    draws = draw_user_terms(20000, 0.7)
+    assert draws.dtype == torch.bool and abs(draws.float().mean().item() - 0.7) < 0.02
+    assert draw_user_terms(50, 1.0).all() and not draw_user_terms(50, 0.0).any()
+    torch.manual_seed(3)
+    first = draw_user_terms(8, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(first, torch.rand(8) < 0.5)  # the global generator, as the Trainer seeds it
+

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import build_model, collate, plain_logps, plain_reference_logps
+from conftest import build_model, collate, plain_logps, plain_reference_logps, sequence_logps
 
-from prlhf.losses import sequence_logps
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
 

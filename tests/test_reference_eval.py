@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import two_user_records
 
+from prlhf.collate import PreferenceCollator
 from prlhf.config import PDPOConfig
-from prlhf.data import PreferenceCollator
 from prlhf.evaluation import load_reference
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import load_model_and_tokenizer, tiny_llama

@@ -9,18 +9,11 @@ import pytest
 import torch
 from conftest import build_model, collate, two_user_records
 
-from prlhf.config import PersonalizationConfig
+from prlhf.config import PersonalizationConfig, PRMConfig
+from prlhf.losses import bradley_terry_loss, prm_loss
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
-from prlhf.reward import (
-    PersonalizedRewardModel,
-    PRMConfig,
-    PRMTrainer,
-    bradley_terry_loss,
-    evaluate_reward_accuracy,
-    last_token_index,
-    prm_loss,
-)
+from prlhf.reward import PersonalizedRewardModel, PRMTrainer, evaluate_reward_accuracy, last_token_index
 from prlhf.trainer import latest_checkpoint
 from prlhf.users import UserRegistry
 
@@ -378,7 +371,7 @@ def test_trl_grpo_with_the_personalized_reward_function(trained_prm, tmp_path):
 
 
 def test_after_response_layout_puts_the_user_last_and_cannot_generate(tmp_path):
-    from prlhf.data import build_sequence
+    from prlhf.layout import build_sequence
 
     ids, labels, implicit, user = build_sequence([1, 10, 11], [20, 21], [30], 2, 1, 0, "after_response")
     assert ids == [1, 10, 11, 20, 21, 0, 0, 30] and labels == [-100] * 3 + [20, 21] + [-100] * 3

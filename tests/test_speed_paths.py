@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import build_model, plain_logps, plain_reference_logps, two_user_records
 
+from prlhf.collate import PreferenceCollator
 from prlhf.config import PDPOConfig, PersonalizationConfig
-from prlhf.data import PreferenceCollator, TokenizeSettings, load_preference_data, tokenize_dataset
+from prlhf.data import TokenizeSettings, load_preference_data, tokenize_dataset
 from prlhf.losses import personalized_loss, preference_loss
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama

@@ -5,12 +5,12 @@ log-probs and loss, and generation must continue the prompt after the user token
 
 import pytest
 import torch
-from conftest import two_user_records
+from conftest import sequence_logps, two_user_records
 from test_speed_paths import RECS, rel
 
 from prlhf.config import PDPOConfig, PersonalizationConfig
-from prlhf.data import build_sequence, load_preference_data, tokenize_dataset
-from prlhf.losses import sequence_logps
+from prlhf.data import load_preference_data, tokenize_dataset
+from prlhf.layout import build_sequence
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
 from prlhf.scoring import packed_attention

@@ -18,7 +18,6 @@ _EXPORTS = {
     "evaluate_accuracy": "evaluation",
     "personalized_loss": "losses",
     "preference_loss": "losses",
-    "sequence_logps": "losses",
     "PersonalizationConfig": "config",
     "PersonalizedLM": "modeling",
     "load_model_and_tokenizer": "models",

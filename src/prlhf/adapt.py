@@ -32,7 +32,7 @@ from torch import nn
 from .data import tokenize_dataset
 from .evaluation import pair_margins
 from .guards import check_finite
-from .losses import preference_loss
+from .losses import preference_loss, sft_term
 from .persistence import CONFIG_NAME, USER_MODEL_NAME, USERS_NAME, read_config
 from .scoring import packing_supported
 from .storage import _MODEL_SUFFIXES, MANIFEST_NAME, read_manifest, recover_folder, save_folder, verify_manifest
@@ -240,7 +240,7 @@ def adapt_users(model, records: list[dict], reference=None, steps: int = 30, lea
                 ref = batch["ref_logps"].to(lp.dtype)
                 losses, _, _ = preference_loss(lp[:B], lp[B:], ref[:B], ref[B:], beta, loss_type, label_smoothing)
                 if sft_weight:
-                    losses = losses - sft_weight * lp[:B] / batch["n_tokens"][:B].clamp(min=1)
+                    losses = losses + sft_weight * sft_term(lp[:B], batch["n_tokens"][:B])
                 loss = losses.mean()
                 check_finite({"adaptation loss": loss.detach()}, "user adaptation")
                 optimizer.zero_grad(set_to_none=True)

@@ -647,7 +647,8 @@ def cmd_rm(argv: list[str]) -> int:
 
 
 def _rm_train(argv: list[str]) -> int:
-    from .reward import PRMConfig, PRMTrainer
+    from .config import PRMConfig
+    from .reward import PRMTrainer
 
     _train_and_save(PRMTrainer(args=parse_config(PRMConfig, argv)), "personalized reward model")
     return 0

@@ -1,4 +1,6 @@
-"""The P-DPO objective, as pure functions of log-probabilities (no model, no batch, no trainer).
+"""The objectives, as pure functions of log-probabilities and rewards (no model, no batch, no
+trainer): P-DPO's preference losses and alpha mix, the SFT term, the alpha draw, and the reward
+side's Bradley-Terry loss and P-RM mix.
 
 Notation: pi_P(y|x,u) the personalized policy, pi_SFT(y|x) the reference (no user input),
 h(y) = log pi_P(y|x,u) - log pi_SFT(y|x), and Delta = h(y_w) - h(y_l) for chosen y_w and rejected y_l.
@@ -10,20 +12,6 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of the labelled tokens of each sequence.
-
-    logits (N, T, V) predict token t+1 at position t; labels (N, T) hold the token ids to score
-    and -100 elsewhere. Returns (N,): sum_t log p(labels[t] | tokens < t).
-    """
-    labels = labels[:, 1:]  # (N, T-1)
-    logits = logits[:, :-1]  # (N, T-1, V)
-    mask = labels != -100
-    safe = labels.masked_fill(~mask, 0)
-    token_logps = torch.gather(logits.float().log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)  # (N, T-1)
-    return (token_logps * mask).sum(-1)
 
 
 def preference_loss(
@@ -78,3 +66,37 @@ def personalized_loss(user_losses: torch.Tensor | None, generic_losses: torch.Te
     if alpha == 0.0:
         return generic_losses
     return alpha * user_losses + (1 - alpha) * generic_losses
+
+
+def sft_term(chosen_logps: torch.Tensor, n_chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen response's mean token negative log-likelihood per pair (B,): the SFT term that
+    ``sft_weight`` adds to each preference term (RPO; TRL's ``loss_type=["sigmoid", "sft"]``)."""
+    return -chosen_logps / n_chosen_tokens.clamp(min=1)
+
+
+def draw_user_terms(n: int, alpha: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """``alpha_sampling``: for each of ``n`` pairs, True where it is scored under its user's term
+    (probability alpha), False under the generic user's; drawn from torch's global generator (which
+    the Trainer seeds and checkpoints). The expected loss is the alpha mix."""
+    return torch.rand(n, device=device) < alpha
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_w - r_l) per pair."""
+    return -F.logsigmoid(chosen - rejected)
+
+
+def prm_loss(user: tuple[torch.Tensor, torch.Tensor], generic: tuple[torch.Tensor, torch.Tensor] | None, alpha: float,
+             center_coefficient: float = 0.0) -> torch.Tensor:
+    """The P-RM objective per pair (B,): alpha * BT(user) + (1 - alpha) * BT(generic) (the user term
+    alone when ``generic`` is None), each term with its own centring penalty
+    ``center_coefficient * (r_w + r_l)^2`` (TRL's ``RewardTrainer``)."""
+    def term(rw, rl):
+        out = bradley_terry_loss(rw, rl)
+        if center_coefficient:
+            out = out + center_coefficient * (rw + rl) ** 2
+        return out
+
+    if generic is None:
+        return term(*user)
+    return alpha * term(*user) + (1 - alpha) * term(*generic)

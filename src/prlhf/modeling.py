@@ -14,7 +14,7 @@ out of the attention (positions skip them too), which equals the plain prompt+re
 Training scores pairs through ``term_logps``: the collator's flat response targets let the LM head
 run at response positions only (the backbone through ``get_decoder()``, the head through
 ``get_output_embeddings()``), and a packed batch (``[prefix] [prompt] [chosen] [rejected]`` per
-pair, see ``prlhf.data.PreferenceCollator``) gets a 4D attention mask in which rejected does not
+pair, see ``prlhf.collate.PreferenceCollator``) gets a 4D attention mask in which rejected does not
 see chosen and position ids that restart rejected where the prompt ends (``prlhf.scoring``).
 Saving and loading live in ``prlhf.persistence``; the plain full-logits computations that check
 all of this live in the tests.
@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .collate import PreferenceCollator, collate_sequences
 from .config import PersonalizationConfig
-from .data import PreferenceCollator, TokenizeSettings, build_sequence, collate_sequences, tokenize_prompt, with_user_id
+from .data import TokenizeSettings, tokenize_prompt, with_user_id
+from .layout import build_sequence
 from .models import load_model_and_tokenizer, resolve_device
 from .persistence import CONFIG_NAME, load_personalized, load_weights_into, push_personalized, save_personalized
 from .scoring import cache_kwarg, position_ids_from_mask, score_targets, sum_per_sequence

@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import LORA_LEARNING_RATE, PDPOConfig, _f
-from .data import REWARD_USER_POSITIONS, PreferenceCollator, load_preference_data, tokenize_dataset
+from .collate import PreferenceCollator
+from .config import PRMConfig
+from .data import load_preference_data, tokenize_dataset
 from .evaluation import score_pairs
 from .guards import check_finite
 from .health import health_split
+from .losses import draw_user_terms, prm_loss
 from .modeling import PersonalizedLM
 from .scoring import _backbone_and_head, position_ids_from_mask
 from .storage import IntegrityError
@@ -44,26 +44,6 @@ from .users import GENERIC_ROW, UserRegistry
 logger = logging.getLogger(__name__)
 
 HEAD_NAME = "reward_head.safetensors"
-
-
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """-log sigmoid(r_w - r_l) per pair."""
-    return -F.logsigmoid(chosen - rejected)
-
-
-def prm_loss(user: tuple[torch.Tensor, torch.Tensor], generic: tuple[torch.Tensor, torch.Tensor] | None, alpha: float,
-             center_coefficient: float = 0.0) -> torch.Tensor:
-    """The P-RM objective per pair (B,): alpha * BT(user) + (1 - alpha) * BT(generic) (the user term
-    alone when ``generic`` is None), each term with its own centring penalty."""
-    def term(rw, rl):
-        out = bradley_terry_loss(rw, rl)
-        if center_coefficient:
-            out = out + center_coefficient * (rw + rl) ** 2
-        return out
-
-    if generic is None:
-        return term(*user)
-    return alpha * term(*user) + (1 - alpha) * term(*generic)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -239,46 +219,6 @@ class PersonalizedRewardModel(nn.Module):
             self.head.weight.copy_(self.read_head(directory))
 
 
-PRM_FULL_LEARNING_RATE = 1e-5  # default backbone learning rate of full fine-tuning
-
-
-@dataclass
-class PRMConfig(PDPOConfig):
-    """P-RM training: the keys of ``PDPOConfig`` where they mean the same (user model, alpha and
-    alpha_sampling, LoRA, lengths, learning rates); beta, loss_type, label_smoothing, sft_weight
-    and the reference keys are not used by a reward model."""
-
-    center_rewards_coefficient: float = _f(0.0, "Centring penalty coefficient on (r_w + r_l)^2 per term, as TRL's "
-                                           "RewardTrainer (0: off).")
-    learning_rate: float | None = _f(None, f"Learning rate of the backbone and the reward head (AdamW). Default: "
-                                     f"{LORA_LEARNING_RATE:g} with use_lora (the DSP P-RM recipe's, measured 0.829), "
-                                     f"{PRM_FULL_LEARNING_RATE:g} for full fine-tuning.")
-
-    user_position: str = _f("after_response", "Where the user tokens sit: 'after_response' (the last token is the "
-                            "user's: the reward head reads the user's query over the whole response), 'prefix' (after "
-                            "BOS: the paper's layout) or 'before_response'. Measured (SmolLM2 DSP P-RM): after_response "
-                            "0.829 held-out accuracy, prefix 0.500 (the head on the response's last token never picked "
-                            "up the user).")
-
-    def default_learning_rate(self) -> float:
-        return LORA_LEARNING_RATE if self.use_lora else PRM_FULL_LEARNING_RATE
-
-    def effective_settings(self) -> dict:
-        settings = super().effective_settings()
-        for unused in ("beta", "sft_weight"):  # not part of a reward model's objective
-            settings.pop(unused, None)
-        return settings
-
-    def __post_init__(self):
-        if self.center_rewards_coefficient < 0:
-            raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
-        if self.user_position not in REWARD_USER_POSITIONS:
-            raise ValueError(f"user_position must be one of {REWARD_USER_POSITIONS}, got {self.user_position!r}")
-        position, self.user_position = self.user_position, "prefix"  # PDPOConfig knows the policy layouts only
-        super().__post_init__()
-        self.user_position = position
-
-
 def build_reward_model(args: PRMConfig, registry: UserRegistry) -> PersonalizedRewardModel:
     """A fresh P-RM: the backbone of ``model_name_or_path`` (LoRA or full), the user model of
     ``args`` for the users of ``registry``, a new head."""
@@ -322,7 +262,7 @@ class PRMTrainer(_PreferenceTrainer):
         gen = None
         if need_user and need_generic and self.args.alpha_sampling and model.training:
             # one term per pair, the user's with probability alpha: the same expected loss, half the work
-            use_user = torch.rand(B, device=user_rows.device) < alpha
+            use_user = draw_user_terms(B, alpha, user_rows.device)
             r = model(batch["input_ids"], batch["attention_mask"], batch.get("implicit_mask"),
                       torch.where(use_user, user_rows, generic_rows).repeat(2))
             losses = prm_loss((r[:B], r[B:]), None, 1.0, self.args.center_rewards_coefficient)
@@ -504,6 +444,6 @@ def best_of_n(policy: PersonalizedLM, rm: PersonalizedRewardModel, prompts: list
     return rerank(rm, prompts, user_ids, candidates, user_texts, max(1, batch_size * n), max_length, max_prompt_length)
 
 
-__all__ = ["PersonalizedRewardModel", "PRMConfig", "PRMTrainer", "bradley_terry_loss", "prm_loss", "last_token_index",
+__all__ = ["PersonalizedRewardModel", "PRMTrainer", "last_token_index",
            "build_reward_model", "evaluate_reward_accuracy", "PersonalizedRewardFunction", "best_of_n",
            "sample_candidates", "rerank"]

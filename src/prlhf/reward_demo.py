@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from .config import PRMConfig
 from .data import load_preference_data
 from .demo import _common_args, majority_share, step_printer, train_sft, write_demo_data
 from .evaluation import group_of, held_out_prompts, load_user_groups
 from .modeling import PersonalizedLM
 from .report import comparison_table, method_summary, write_report
-from .reward import PersonalizedRewardModel, PRMConfig, PRMTrainer, evaluate_reward_accuracy, rerank, sample_candidates
+from .reward import PersonalizedRewardModel, PRMTrainer, evaluate_reward_accuracy, rerank, sample_candidates
 from .trainer import use_compact_progress
 
 # reward model name -> PRMConfig overrides

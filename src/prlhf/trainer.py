@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from .collate import SFTCollator
 from .config import LAZY_ROWS_FROM, PDPOConfig, PersonalizationConfig, PSFTConfig
-from .data import SFTCollator, TokenizeSettings, load_preference_data, tokenize_dataset
+from .data import TokenizeSettings, load_preference_data, tokenize_dataset
 from .guards import NonFiniteError, check_finite
 from .health import health_causes, health_findings, health_split
-from .losses import personalized_loss, preference_loss
+from .losses import draw_user_terms, personalized_loss, preference_loss, sft_term
 from .modeling import PersonalizedLM
 from .models import load_model_and_tokenizer
 from .optim import CombinedOptimizer, LazyAdam, clip_grad_norm_, grad_values
@@ -590,12 +591,11 @@ class PDPOTrainer(_PreferenceTrainer):
         ref = self._batch_reference(pm, batch, full_logits, logps.dtype)  # (2B,)
 
         out, metrics = {}, {}
-        n_chosen = batch["n_tokens"][:B].clamp(min=1)  # response tokens of chosen (B,)
         for name, lp in by_name.items():
             losses, chosen_r, rejected_r = preference_loss(lp[:B], lp[B:], ref[:B], ref[B:], self.args.beta,
                                                            self.args.loss_type, self.args.label_smoothing)
             if self.args.sft_weight:
-                nll = -lp[:B] / n_chosen  # mean token NLL of the chosen response (B,)
+                nll = sft_term(lp[:B], batch["n_tokens"][:B])  # mean token NLL of the chosen response (B,)
                 losses = losses + self.args.sft_weight * nll
                 metrics[f"nll/{name}"] = nll.detach().mean().item()
             out[name] = (losses, chosen_r, rejected_r, lp[:B].detach(), lp[B:].detach())
@@ -629,7 +629,7 @@ class PDPOTrainer(_PreferenceTrainer):
         mix of ``pdpo_loss`` (the per-pair terms are the same functions), at half its cost."""
         user_rows = batch["user_rows"]
         B = user_rows.shape[0]
-        use_user = torch.rand(B, device=user_rows.device) < self.args.alpha
+        use_user = draw_user_terms(B, self.args.alpha, user_rows.device)
         rows = torch.where(use_user, user_rows, torch.full_like(user_rows, GENERIC_ROW))
         full_logits = not self.args.response_logits_only
         lp = model(pairs=batch, terms=[(rows, None)], full_logits=full_logits)[0]  # (2B,)
@@ -638,7 +638,7 @@ class PDPOTrainer(_PreferenceTrainer):
                                          self.args.label_smoothing)
         metrics = {}
         if self.args.sft_weight:
-            nll = -lp[:B] / batch["n_tokens"][:B].clamp(min=1)
+            nll = sft_term(lp[:B], batch["n_tokens"][:B])
             losses = losses + self.args.sft_weight * nll
             metrics["nll/sampled"] = nll.detach().mean().item()
         loss = losses.mean()
