@@ -50,29 +50,6 @@ def check_user_position(user_position: str, reward: bool = False, packing: bool 
         raise ValueError("several terms per row need packing=True and user_position='before_response'")
 
 
-def build_sequence(prompt_ids: list[int], response_ids: list[int], user_text_ids: list[int], n_user_tokens: int,
-                   bos_id: int | None, slot_id: int, user_position: str = "prefix"
-                   ) -> tuple[list[int], list[int], list[bool], list[bool]]:
-    """One sequence: (ids, labels, implicit_mask, user_mask). The user prefix (implicit slots, then
-    the user's text) goes after BOS (``prefix``, the paper's layout), between the prompt and the
-    response (``before_response``: the prompt is then the same for every user) or, for reward
-    models, after the response (``after_response``)."""
-    prefix = [slot_id] * n_user_tokens + list(user_text_ids)
-    body = list(prompt_ids) + list(response_ids)
-    if user_position == "after_response":
-        at = len(body)
-    elif user_position == "before_response":
-        at = len(prompt_ids)
-    else:
-        at = 1 if bos_id is not None and prompt_ids[:1] == [bos_id] else 0
-    ids = body[:at] + prefix + body[at:]
-    start = len(prompt_ids) + (len(prefix) if at <= len(prompt_ids) else 0)  # where the response begins
-    labels = [-100] * start + list(response_ids) + [-100] * (len(ids) - start - len(response_ids))
-    implicit = [False] * at + [True] * n_user_tokens + [False] * (len(ids) - at - n_user_tokens)
-    user = [False] * at + [True] * len(prefix) + [False] * (len(ids) - at - len(prefix))
-    return ids, labels, implicit, user
-
-
 def build_packed_sequence(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], user_text_ids: list[int],
                           n_user_tokens: int, bos_id: int | None, slot_id: int, user_position: str = "prefix",
                           n_terms: int = 1):
