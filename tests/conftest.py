@@ -82,7 +82,6 @@ def plain_logps(model, batch, user_rows):
 def plain_reference_logps(model, batch, reference=None):
     """log pi_SFT(y | x) of a plain collated batch: user positions masked out, full logits;
     ``reference`` a frozen LM, or None for the model's base with its LoRA adapters disabled."""
-    from prlhf.losses import sequence_logps
     from prlhf.scoring import position_ids_from_mask
 
     attention_mask = batch["attention_mask"] * (~batch["user_mask"]).long()

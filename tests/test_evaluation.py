@@ -71,7 +71,8 @@ def test_models_with_the_same_reference_share_its_scores():
     the same accuracies as scoring each alone, and the second model adds no reference entries."""
     from conftest import build_model, two_user_records
 
-    from prlhf.evaluation import evaluate_accuracy, reference_identity
+    from prlhf.evaluation import evaluate_accuracy
+    from prlhf.reference import reference_identity
 
     records = two_user_records(n_prompts=3, users=("a", "b"))
     plain = build_model("none", users=("a", "b"), use_lora=True)

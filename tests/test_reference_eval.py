@@ -10,9 +10,9 @@ from conftest import two_user_records
 
 from prlhf.collate import PreferenceCollator
 from prlhf.config import PDPOConfig
-from prlhf.evaluation import load_reference
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import load_model_and_tokenizer, tiny_llama
+from prlhf.reference import load_reference, reference_pair_logps
 from prlhf.trainer import PDPOTrainer, disable_dropout
 
 
@@ -39,7 +39,7 @@ def make_args(tmp_path, **kw):
 def ref_logps(model: PersonalizedLM, examples, reference) -> torch.Tensor:
     tok = model.tokenizer
     batch = PreferenceCollator(tok.pad_token_id, tok.bos_token_id, model.n_implicit_tokens, "right")(examples)
-    return model.reference_pair_logps(batch, reference)  # (2B,) chosen then rejected
+    return reference_pair_logps(model, batch, reference)  # (2B,) chosen then rejected
 
 
 CASES = {

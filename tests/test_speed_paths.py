@@ -20,6 +20,7 @@ from prlhf.data import TokenizeSettings, load_preference_data, tokenize_dataset
 from prlhf.losses import personalized_loss, preference_loss
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
+from prlhf.reference import reference_pair_logps
 from prlhf.scoring import packed_attention
 from prlhf.trainer import PDPOTrainer
 from prlhf.users import UserRegistry
@@ -74,7 +75,7 @@ def test_packed_and_response_only_logps_equal_plain_reference(kind, side):
         for full in (False, True):
             got = model.term_logps(batch, [(rows, None)], full_logits=full)[0]
             assert rel(got, expected) <= 1e-4, (packing, full)
-        ref = model.reference_pair_logps(batch, model.llm)
+        ref = reference_pair_logps(model, batch, model.llm)
         assert rel(ref, plain_reference_logps(model, plain, model.llm)) <= 1e-4
     packed = collate(model, ex, packing=True)
     assert packed["input_ids"].shape[0] == len(ex) and plain["input_ids"].shape[0] == 2 * len(ex)

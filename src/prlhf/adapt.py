@@ -34,6 +34,7 @@ from .evaluation import pair_margins
 from .guards import check_finite
 from .losses import preference_loss, sft_term
 from .persistence import CONFIG_NAME, USER_MODEL_NAME, USERS_NAME, read_config
+from .reference import pair_reference_logps
 from .scoring import packing_supported
 from .storage import _MODEL_SUFFIXES, MANIFEST_NAME, read_manifest, recover_folder, save_folder, verify_manifest
 from .user_models import ClusterUserModel, IndividualUserModel
@@ -118,20 +119,6 @@ def _check_adaptable(model) -> None:
                          f"{kind!r}, which has no per-user parameters")
 
 
-def _reference_logps(model, examples: list[dict], reference, batch_size: int) -> torch.Tensor:
-    """log pi_SFT of chosen and rejected, (n, 2), computed once."""
-    collate = model.collator(packing=packing_supported(model.llm))
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(examples), batch_size):
-            chunk = examples[s:s + batch_size]
-            batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
-            ref = model.reference_pair_logps(batch, reference)
-            B = len(chunk)
-            out.append(torch.stack([ref[:B], ref[B:]], dim=1).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 2)
-
-
 def adapt_users(model, records: list[dict], reference=None, steps: int = 30, learning_rate: float | None = None,
                 batch_size: int = 16, reset: bool = False, beta: float | None = None, loss_type: str | None = None,
                 sft_weight: float | None = None, max_length: int | None = None, max_prompt_length: int | None = None,
@@ -207,7 +194,8 @@ def adapt_users(model, records: list[dict], reference=None, steps: int = 30, lea
     t_ref = time.time()
     key = lambda rec: (str(rec["user_id"]), json.dumps(rec["prompt"]), json.dumps(rec["chosen"]), json.dumps(rec["rejected"]))  # noqa: E731
     missing = [ex for ex in examples if ref_cache is None or key(records[ex["index"]]) not in ref_cache]
-    computed = _reference_logps(model, missing, reference, batch_size) if missing else torch.zeros(0, 2)
+    computed = (pair_reference_logps(model, missing, reference, batch_size, packing=packing_supported(model.llm))
+                if missing else torch.zeros(0, 2))
     if ref_cache is not None:
         for ex, lp in zip(missing, computed):
             ref_cache[key(records[ex["index"]])] = lp

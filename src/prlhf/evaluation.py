@@ -31,7 +31,7 @@ import torch
 
 from .data import tokenize_dataset
 from .modeling import PersonalizedLM
-from .reference import load_reference, reference_identity  # noqa: F401 - their home is prlhf.reference
+from .reference import memoized_reference, reference_pair_logps
 from .scoring import packing_supported
 from .users import GENERIC_ROW
 
@@ -100,14 +100,11 @@ def pair_margins(model: PersonalizedLM, examples: list[dict], rows: list[int], r
         B = len(chunk)
         user_rows = torch.tensor(rows[s:s + batch_size], device=model.device)
         lp = model.term_logps(batch, [(user_rows, None)])[0]
-        if ref_cache is not None and all(ex["index"] in ref_cache for ex in chunk):
-            ref = torch.tensor([ref_cache[ex["index"]][0] for ex in chunk] + [ref_cache[ex["index"]][1] for ex in chunk],
-                               device=model.device)
+        if ref_cache is None:
+            ref = reference_pair_logps(model, batch, reference)
         else:
-            ref = model.reference_pair_logps(batch, reference)
-            if ref_cache is not None:
-                for i, ex in enumerate(chunk):
-                    ref_cache[ex["index"]] = (ref[i].item(), ref[B + i].item())
+            ref = memoized_reference(ref_cache, [ex["index"] for ex in chunk],
+                                     lambda: reference_pair_logps(model, batch, reference), model.device)  # noqa: B023
         margins.extend(((lp[:B] - ref[:B]) - (lp[B:] - ref[B:])).tolist())
     return margins
 

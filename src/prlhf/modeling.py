@@ -9,7 +9,8 @@ the LLM's own table (the explicit user model). Position ids are ``cumsum(attenti
 so left and right padding give the same log-probs for real tokens.
 
 The reference pi_SFT(y|x) sees no user input: the same layout with every user position masked
-out of the attention (positions skip them too), which equals the plain prompt+response sequence.
+out of the attention (positions skip them too), which equals the plain prompt+response sequence
+(``prlhf.reference.reference_pair_logps``).
 
 Training scores pairs through ``term_logps``: the collator's flat response targets let the LM head
 run at response positions only (the backbone through ``get_decoder()``, the head through
@@ -201,33 +202,6 @@ class PersonalizedLM(nn.Module):
         embeds = self.embed(sub["input_ids"], sub["implicit_mask"], torch.cat(users))
         token_logps = score_targets(self.llm, embeds, sub, torch.cat(flat), torch.cat(ids), full_logits=full_logits)
         return sum_per_sequence(token_logps, torch.cat(seqs), len(terms) * 2 * B).view(len(terms), 2 * B)
-
-    @torch.no_grad()
-    def reference_pair_logps(self, batch: dict, reference: nn.Module | None = None, full_logits: bool = False,
-                             policy_is_reference: bool = False) -> torch.Tensor:
-        """log pi_SFT(y | x) of chosen and rejected (2B,) of a collated preference batch (plain or
-        packed), user positions masked out; ``reference`` a frozen LM, or None for this model's
-        base with its LoRA adapters disabled, or, with ``policy_is_reference`` (before training),
-        this model's LLM as it is."""
-        B = batch["user_rows"].shape[0]
-        first = batch["target_seq"] < 2 * B  # one term's targets: the reference sees no user
-        col = batch.get("ref_target_col", batch["target_col"])  # before_response: the first token follows the prompt
-        flat = (batch["target_row"] * batch["input_ids"].shape[1] + col)[first]
-
-        def run(llm):
-            embeds = llm.get_input_embeddings()(batch["input_ids"])
-            token_logps = score_targets(llm, embeds, batch, flat, batch["target_ids"][first], hide_user=True,
-                                        full_logits=full_logits)
-            return sum_per_sequence(token_logps, batch["target_seq"][first], 2 * B)
-
-        if reference is not None:
-            return run(reference)
-        if self.is_lora:
-            with self.llm.disable_adapter():
-                return run(self.llm)
-        if not policy_is_reference:
-            raise ValueError("a reference model is needed unless the policy is a LoRA model")
-        return run(self.llm)
 
     def collator(self, padding_side: str = "right", packing: bool = False, n_terms: int = 1,
                  with_user: bool = True) -> PreferenceCollator:

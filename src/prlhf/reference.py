@@ -17,13 +17,17 @@ reuses the file, and any change of weights, tokenizer, data or truncation comput
 are written to a temporary name and moved into place, so an interrupted pass leaves nothing half
 written.
 
-This module is also the one home of pi_SFT for training and evaluation alike: which model it is
-(``training_reference``, ``load_reference``), what a saved model records about it
-(``reference_record``), and when two models share it (``reference_identity``).
+This module is the one home of pi_SFT for training, evaluation and adaptation alike: its log-probs
+of a batch (``reference_pair_logps``: the user positions hidden), of a data set
+(``compute_reference_logps``, ``precompute_reference_logps`` with the disk cache), one in-memory
+memo (``memoized_reference``), which model it is (``training_reference``, ``load_reference``),
+what a saved model records about it (``reference_record``), and when two models share it
+(``reference_identity``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,6 +42,7 @@ from torch import nn
 
 from .guards import NonFiniteError
 from .models import ALIASES, cache_dir, load_model_and_tokenizer
+from .scoring import score_targets, sum_per_sequence
 from .storage import atomic_write_with
 
 logger = logging.getLogger(__name__)
@@ -105,6 +110,111 @@ def compute_reference_logps(score: Callable[[list[dict]], torch.Tensor], example
             out[idx, 0], out[idx, 1] = lp[:len(idx)], lp[len(idx):]
             bar.update(len(idx))
     return out
+
+
+# -- pi_SFT's log-probs of a batch, of a data set, once ----------------------------------------------
+
+
+@torch.no_grad()
+def reference_pair_logps(model: nn.Module, batch: dict, reference: nn.Module | None = None, full_logits: bool = False,
+                         policy_is_reference: bool = False) -> torch.Tensor:
+    """log pi_SFT(y | x) of chosen and rejected (2B,) of a collated preference batch of ``model`` (a
+    ``PersonalizedLM``; plain or packed), user positions masked out; ``reference`` a frozen LM, or
+    None for the model's base with its LoRA adapters disabled, or, with ``policy_is_reference``
+    (before training), the model's LLM as it is."""
+    B = batch["user_rows"].shape[0]
+    first = batch["target_seq"] < 2 * B  # one term's targets: the reference sees no user
+    col = batch.get("ref_target_col", batch["target_col"])  # before_response: the first token follows the prompt
+    flat = (batch["target_row"] * batch["input_ids"].shape[1] + col)[first]
+
+    def run(llm):
+        embeds = llm.get_input_embeddings()(batch["input_ids"])
+        token_logps = score_targets(llm, embeds, batch, flat, batch["target_ids"][first], hide_user=True,
+                                    full_logits=full_logits)
+        return sum_per_sequence(token_logps, batch["target_seq"][first], 2 * B)
+
+    if reference is not None:
+        return run(reference)
+    if model.is_lora:
+        with model.llm.disable_adapter():
+            return run(model.llm)
+    if not policy_is_reference:
+        raise ValueError("a reference model is needed unless the policy is a LoRA model")
+    return run(model.llm)
+
+
+def memoized_reference(memo: dict, keys: list, compute: Callable[[], torch.Tensor], device=None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(2B,) reference log-probs of B pairs named by ``keys`` (hashable): from ``memo`` (key ->
+    (chosen, rejected)) when every key is in it, else ``compute()`` (2B,) once and remembered."""
+    if not all(k in memo for k in keys):
+        ref = compute()
+        B = len(keys)
+        for j, k in enumerate(keys):
+            memo[k] = (ref[j].item(), ref[B + j].item())
+    return torch.tensor([memo[k][0] for k in keys] + [memo[k][1] for k in keys], dtype=dtype, device=device)
+
+
+def pair_reference_logps(model: nn.Module, examples: list[dict], reference: nn.Module | None, batch_size: int,
+                         packing: bool = False, full_logits: bool = False, policy_is_reference: bool = False,
+                         desc: str = "reference log-probs", disable_progress: bool = True, device=None,
+                         context: Callable = contextlib.nullcontext) -> torch.Tensor:
+    """(N, 2) log pi_SFT of chosen and rejected of tokenized ``examples``, in batches of the
+    model's own collator (``packing``: chosen and rejected on one shared prompt), each batch
+    scored inside ``context()`` (a trainer's autocast)."""
+    collate = model.collator(packing=packing, with_user=False)
+    device = model.device if device is None else device
+
+    def score(chunk):
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        with context():
+            return reference_pair_logps(model, batch, reference, full_logits=full_logits,
+                                        policy_is_reference=policy_is_reference)
+
+    return compute_reference_logps(score, examples, batch_size, desc, disable_progress=disable_progress)
+
+
+def precompute_reference_logps(model: nn.Module, datasets: dict[str, list[dict] | None], reference: nn.Module | None,
+                               batch_size: int, cache_dir: str | None, dtype_tag: str = "", meta: dict | None = None,
+                               once: Callable[[str], object] = lambda desc: contextlib.nullcontext(),
+                               **score_kwargs) -> tuple[int, float]:
+    """Fill ``ref_logps`` (chosen, rejected) of every tokenized example of ``datasets`` (name ->
+    examples) with log pi_SFT, computed in one pass (``reference``, or when None the model's LLM as
+    it is now / its LoRA base: ``policy_is_reference``) or read from the disk cache in ``cache_dir``
+    (None: ``default_cache_dir()``; "none": no disk cache). ``dtype_tag`` is added to the weights'
+    dtype in the cache key (mixed precision), ``meta`` to the file's metadata; ``once(desc)``
+    wraps each data set's computation (a distributed run's ``main_process_first``);
+    ``score_kwargs`` go to ``pair_reference_logps``. Returns (cache hits, seconds computing)."""
+    datasets = {name: examples for name, examples in datasets.items() if examples}
+    hits, total = 0, 0.0
+    if not datasets:
+        return hits, total
+    module = reference if reference is not None else model.llm
+    dtype = str(next(module.parameters()).dtype) + dtype_tag
+    directory = None if cache_dir is not None and cache_dir.lower() == "none" else Path(cache_dir) if cache_dir else default_cache_dir()
+    # the weights and the tokenizer are hashed once for all data sets
+    model_fp, tok_fp = (fingerprint_module(module), fingerprint_tokenizer(model.tokenizer)) if directory else ("", "")
+    meta = {**(meta or {}), "dtype": dtype}
+    was_training = model.training
+    model.eval()
+    try:
+        for name, examples in datasets.items():
+            desc = f"reference log-probs ({name})"
+            key = cache_key(model_fp, tok_fp, fingerprint_examples(examples), dtype) if directory else ""
+            compute = lambda: pair_reference_logps(model, examples, reference, batch_size, desc=desc,  # noqa: E731
+                                                   policy_is_reference=True, **score_kwargs)
+            with once(desc):
+                logps, hit, seconds = cached_reference_logps(examples, key, compute, directory, meta)
+            where = f"{directory}/{key}.safetensors"
+            logger.info("%s: reference log-probs of %d pairs %s", name, len(examples),
+                        f"read from {where}" if hit else f"computed in {seconds:.1f} s" + (f", cached as {where}" if directory else ""))
+            hits += int(hit)
+            total += seconds
+            for ex, (c, r) in zip(examples, logps.tolist()):
+                ex["ref_logps"] = (c, r)
+    finally:
+        model.train(was_training)
+    return hits, total
 
 
 def cached_reference_logps(examples: list[dict], key: str, compute: Callable[[], torch.Tensor], directory: Path | None,

@@ -31,15 +31,11 @@ from .modeling import PersonalizedLM
 from .models import load_model_and_tokenizer
 from .optim import CombinedOptimizer, LazyAdam, clip_grad_norm_, grad_values
 from .reference import (
-    cache_key,
-    cached_reference_logps,
-    compute_reference_logps,
-    default_cache_dir,
-    fingerprint_examples,
-    fingerprint_module,
-    fingerprint_tokenizer,
     load_reference,
+    memoized_reference,
     portable_path,
+    precompute_reference_logps,
+    reference_pair_logps,
     reference_record,
     training_reference,
 )
@@ -510,52 +506,21 @@ class PDPOTrainer(_PreferenceTrainer):
     # -- reference log-probs, once -------------------------------------------------------------
 
     def precompute_reference(self, datasets: dict[str, list[dict] | None], reference: torch.nn.Module | None = None) -> None:
-        """Fill ``ref_logps`` (chosen, rejected) of every tokenized example of ``datasets`` (name ->
-        examples) with log pi_SFT, computed in one pass before training (``reference`` or, when
-        None, this policy's LLM as it is now / its LoRA base) or read from the disk cache
-        (``reference_cache_dir``). Counts cache hits in ``reference_cache_hits`` and the seconds
-        spent computing in ``reference_seconds``."""
-        datasets = {name: examples for name, examples in datasets.items() if examples}
-        if not datasets:
-            return
+        """Fill ``ref_logps`` of every tokenized example of ``datasets`` (name -> examples) with log
+        pi_SFT, once before training, or from the disk cache (``reference_cache_dir``): see
+        ``prlhf.reference.precompute_reference_logps``. Counts cache hits in
+        ``reference_cache_hits`` and the seconds spent computing in ``reference_seconds``."""
         pm: PersonalizedLM = self.accelerator.unwrap_model(self.model)
-        module = reference if reference is not None else pm.llm
-        tok = self.processing_class
-        collate = pm.collator(packing=self.args.packing, with_user=False)
-        device = self.args.device
-        full_logits = not self.args.response_logits_only
-
-        def score(chunk):
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            with self.compute_loss_context_manager():
-                return pm.reference_pair_logps(batch, reference, full_logits=full_logits, policy_is_reference=True)
-
-        dtype = str(next(module.parameters()).dtype) + ("+bf16" if self.args.bf16 else "+fp16" if self.args.fp16 else "")
-        cache = self.args.reference_cache_dir
-        directory = None if cache is not None and cache.lower() == "none" else Path(cache) if cache else default_cache_dir()
-        # the weights and the tokenizer are hashed once for all data sets
-        model_fp, tok_fp = (fingerprint_module(module), fingerprint_tokenizer(tok)) if directory else ("", "")
+        a = self.args
         meta = {"reference": pm.prlhf_config.reference_model_name_or_path or pm.prlhf_config.base_model_name_or_path,
-                "max_length": self.args.max_length, "max_prompt_length": self.args.max_prompt_length, "dtype": dtype}
-        was_training = pm.training
-        pm.eval()
-        try:
-            for name, examples in datasets.items():
-                desc = f"reference log-probs ({name})"
-                key = cache_key(model_fp, tok_fp, fingerprint_examples(examples), dtype) if directory else ""
-                compute = lambda: compute_reference_logps(  # noqa: E731
-                    score, examples, self.args.per_device_eval_batch_size, desc, disable_progress=self.args.disable_tqdm)
-                with self.args.main_process_first(desc=desc):
-                    logps, hit, seconds = cached_reference_logps(examples, key, compute, directory, meta)
-                where = f"{directory}/{key}.safetensors"
-                logger.info("%s: reference log-probs of %d pairs %s", name, len(examples),
-                            f"read from {where}" if hit else f"computed in {seconds:.1f} s" + (f", cached as {where}" if directory else ""))
-                self.reference_cache_hits += int(hit)
-                self.reference_seconds += seconds
-                for ex, (c, r) in zip(examples, logps.tolist()):
-                    ex["ref_logps"] = (c, r)
-        finally:
-            pm.train(was_training)
+                "max_length": a.max_length, "max_prompt_length": a.max_prompt_length}
+        hits, seconds = precompute_reference_logps(
+            pm, datasets, reference, a.per_device_eval_batch_size, a.reference_cache_dir,
+            "+bf16" if a.bf16 else "+fp16" if a.fp16 else "", meta, once=lambda desc: a.main_process_first(desc=desc),
+            packing=a.packing, full_logits=not a.response_logits_only, disable_progress=a.disable_tqdm, device=a.device,
+            context=self.compute_loss_context_manager)
+        self.reference_cache_hits += hits
+        self.reference_seconds += seconds
 
     # -- the objective ------------------------------------------------------------------------
 
@@ -665,24 +630,22 @@ class PDPOTrainer(_PreferenceTrainer):
         if self._lazy_reference is not None:
             mode = "train" if pm.training else "eval"  # record indices restart in each data set
             keys = [(mode, i) for i in batch["index"].tolist()]
-            if not all(k in self._lazy_reference for k in keys):
+
+            def compute():
                 start, was_training = time.perf_counter(), pm.training
                 pm.eval()  # as the precomputed pass: no dropout
                 try:
-                    ref = pm.reference_pair_logps(batch, None, full_logits=full_logits)
+                    return reference_pair_logps(pm, batch, None, full_logits=full_logits)
                 finally:
                     pm.train(was_training)
-                self.reference_seconds += time.perf_counter() - start
-                B = len(keys)
-                for j, k in enumerate(keys):
-                    self._lazy_reference[k] = (ref[j].item(), ref[B + j].item())
-            memo = [self._lazy_reference[k] for k in keys]
-            return torch.tensor([c for c, _ in memo] + [r for _, r in memo], dtype=dtype, device=batch["index"].device)
+                    self.reference_seconds += time.perf_counter() - start
+
+            return memoized_reference(self._lazy_reference, keys, compute, batch["index"].device, dtype)
         if self.reference_model is None and not pm.is_lora:
             raise ValueError("this batch has no precomputed reference log-probs and the trainer holds no reference model: "
                              "pass the data as train_dataset / eval_dataset when building the trainer (they are "
                              "precomputed then), or set precompute_ref_log_probs=False")
-        return pm.reference_pair_logps(batch, self.reference_model, full_logits=full_logits)
+        return reference_pair_logps(pm, batch, self.reference_model, full_logits=full_logits)
 
     def _pair_metrics(self, cr, rr, lpc, lpr, ref) -> dict:
         """TRL's reward and log-prob means; ``cr``/``rr`` already gathered, the rest gathered here."""
