@@ -193,7 +193,7 @@ def _build(name: str, model_name: str, records: list[dict], batch_size: int, max
 
     if name.startswith("sft"):
         from prlhf.config import PSFTConfig
-        from prlhf.trainer import PSFTTrainer
+        from prlhf.trainers.sft import PSFTTrainer
 
         args = PSFTConfig(output_dir=os.path.join(workdir, name), model_name_or_path=model_name, max_prompt_length=None,
                           **common, **SYSTEMS[name])
@@ -203,7 +203,7 @@ def _build(name: str, model_name: str, records: list[dict], batch_size: int, max
         return trainer, (lambda idx: trainer.data_collator([examples[i] for i in idx])), None
 
     from prlhf.config import PDPOConfig
-    from prlhf.trainer import PDPOTrainer
+    from prlhf.trainers.pdpo import PDPOTrainer
 
     args = PDPOConfig(output_dir=os.path.join(workdir, name), model_name_or_path=model_name, beta=0.1,
                       max_prompt_length=None, reference_cache_dir="none",

@@ -43,7 +43,7 @@ def worker(kind: str, n_users: int, mode: str, a: dict, conn) -> None:
         from prlhf.modeling import PersonalizedLM
         from prlhf.models import tiny_llama
         from prlhf.sources.synthetic import synthesize
-        from prlhf.trainer import PDPOTrainer
+        from prlhf.trainers.pdpo import PDPOTrainer
         from prlhf.users import UserRegistry
 
         torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 from conftest import two_user_records
 
 from prlhf.config import PDPOConfig
-from prlhf.trainer import PDPOTrainer
+from prlhf.trainers.pdpo import PDPOTrainer
 
 if __name__ == "__main__":
     per_device, out = int(sys.argv[1]), sys.argv[2]

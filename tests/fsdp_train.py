@@ -15,7 +15,7 @@ import torch.distributed as dist
 from conftest import two_user_records
 
 from prlhf.config import PDPOConfig
-from prlhf.trainer import PDPOTrainer
+from prlhf.trainers.pdpo import PDPOTrainer
 
 GLOBAL_BATCH, STEPS = 8, 4
 

@@ -15,7 +15,7 @@ from prlhf.config import PDPOConfig
 from prlhf.evaluation import evaluate_accuracy
 from prlhf.modeling import PersonalizedLM
 from prlhf.storage import sha256_file, verify_manifest
-from prlhf.trainer import PDPOTrainer
+from prlhf.trainers.pdpo import PDPOTrainer
 
 
 def renamed(records, old, new):

@@ -154,7 +154,7 @@ def test_sliding_window_shorter_than_the_sequences_refuses_packing(tmp_path):
         assert torch.allclose(got, oracle(model), atol=1e-4)
 
     from prlhf.config import PDPOConfig
-    from prlhf.trainer import PDPOTrainer
+    from prlhf.trainers.pdpo import PDPOTrainer
 
     args = PDPOConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, max_steps=1,
                       reference_cache_dir="none", n_user_tokens=3)

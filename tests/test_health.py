@@ -10,7 +10,7 @@ from conftest import two_user_records
 
 from prlhf.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE, PDPOConfig, PRMConfig
 from prlhf.data import hold_out_pairs
-from prlhf.trainer import PDPOTrainer
+from prlhf.trainers.pdpo import PDPOTrainer
 
 WARNING = "users are not separating"
 
@@ -132,7 +132,7 @@ def test_no_warning_on_a_run_that_separates(tmp_path, capsys):
 
 
 def test_reward_model_training_has_the_health_signal_too(tmp_path):
-    from prlhf.reward import PRMTrainer
+    from prlhf.trainers.prm import PRMTrainer
 
     path = users_json(tmp_path, {"long_a": "majority", "long_b": "majority", "short_c": "minority"})
     a = PRMConfig(output_dir=str(tmp_path / "rm"), report_to="none", use_cpu=True, disable_tqdm=True,

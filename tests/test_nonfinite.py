@@ -16,7 +16,8 @@ from prlhf.config import PDPOConfig
 from prlhf.guards import NonFiniteError
 from prlhf.reference import cached_reference_logps
 from prlhf.storage import verify_manifest
-from prlhf.trainer import PDPOTrainer, latest_checkpoint
+from prlhf.trainers.base import latest_checkpoint
+from prlhf.trainers.pdpo import PDPOTrainer
 
 
 def config(tmp_path, **over):

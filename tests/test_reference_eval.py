@@ -13,7 +13,8 @@ from prlhf.config import PDPOConfig
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import load_model_and_tokenizer, tiny_llama
 from prlhf.reference import load_reference, reference_pair_logps
-from prlhf.trainer import PDPOTrainer, disable_dropout
+from prlhf.trainers.base import disable_dropout
+from prlhf.trainers.pdpo import PDPOTrainer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""P-RM (prlhf.reward): hand-computed BT loss and its alpha mixture, padding-invariant last-token
+"""P-RM (prlhf.reward_model, prlhf.trainers.prm): hand-computed BT loss and its alpha mixture, padding-invariant last-token
 pick, a P-RM with no user model equals TRL's RewardTrainer loss, uniform ignores alpha, training
 learns opposite users where a vanilla RM cannot, save / load / resume, alpha_sampling."""
 
@@ -13,8 +13,9 @@ from prlhf.config import PersonalizationConfig, PRMConfig
 from prlhf.losses import bradley_terry_loss, prm_loss
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
-from prlhf.reward import PersonalizedRewardModel, PRMTrainer, evaluate_reward_accuracy, last_token_index
-from prlhf.trainer import latest_checkpoint
+from prlhf.reward_model import PersonalizedRewardModel, evaluate_reward_accuracy, last_token_index
+from prlhf.trainers.base import latest_checkpoint
+from prlhf.trainers.prm import PRMTrainer
 from prlhf.users import UserRegistry
 
 
@@ -118,7 +119,6 @@ def test_uniform_reward_model_ignores_alpha_even_with_both_terms_run(tmp_path, m
 
 
 def test_alpha_sampling_scores_each_pair_under_the_drawn_term(tmp_path, monkeypatch):
-    import prlhf.reward as reward_module
 
     records = two_user_records(n_prompts=2)  # 4 pairs of two users
     rm = reward_model("individual", user_offset_init="vocab")
@@ -135,7 +135,7 @@ def test_alpha_sampling_scores_each_pair_under_the_drawn_term(tmp_path, monkeypa
         assert torch.allclose(full, (0.3 * user_terms + 0.7 * generic_terms).mean(), atol=1e-6)
         trainer.args.alpha_sampling = True
         draws = torch.tensor([0.1, 0.9, 0.5, 0.2])  # < alpha: the user term for pairs 0 and 3
-        monkeypatch.setattr(reward_module.torch, "rand", lambda n, device=None: draws[:n])
+        monkeypatch.setattr(torch, "rand", lambda n, device=None: draws[:n])
         sampled, metrics = trainer.pair_loss(rm, batch)
     pick = torch.tensor([True, False, False, True])
     assert torch.allclose(sampled, torch.where(pick, user_terms, generic_terms).mean(), atol=1e-6)
@@ -290,7 +290,7 @@ def trained_prm(tmp_path_factory):
 
 
 def test_best_of_n_picks_the_users_highest_reward(trained_prm):
-    from prlhf.reward import best_of_n, rerank
+    from prlhf.best_of_n import best_of_n, rerank
 
     rm = PersonalizedRewardModel.from_pretrained(trained_prm)
     policy = PersonalizedLM.from_pretrained_or_plain("tiny-llama")  # any causal LM
@@ -338,7 +338,7 @@ def test_trl_grpo_with_the_personalized_reward_function(trained_prm, tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from prlhf.reward import PersonalizedRewardFunction
+    from prlhf.best_of_n import PersonalizedRewardFunction
 
     rm = PersonalizedRewardModel.from_pretrained(trained_prm)
     reward = PersonalizedRewardFunction(rm)

@@ -22,7 +22,7 @@ from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
 from prlhf.reference import reference_pair_logps
 from prlhf.scoring import packed_attention
-from prlhf.trainer import PDPOTrainer
+from prlhf.trainers.pdpo import PDPOTrainer
 from prlhf.users import UserRegistry
 
 RECS = [

@@ -12,7 +12,9 @@ from prlhf.config import PDPOConfig, PersonalizationConfig, PSFTConfig
 from prlhf.evaluation import evaluate_accuracy
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
-from prlhf.trainer import PDPOTrainer, PSFTTrainer, latest_checkpoint
+from prlhf.trainers.base import latest_checkpoint
+from prlhf.trainers.pdpo import PDPOTrainer
+from prlhf.trainers.sft import PSFTTrainer
 from prlhf.users import UserRegistry
 
 
@@ -213,7 +215,6 @@ def test_user_id_in_prompt_baseline_trains_saves_and_scores_the_tagged_prompt(tm
 def test_alpha_sampling_scores_each_pair_under_the_drawn_term(tmp_path, monkeypatch):
     """alpha_sampling: a pair drawn for the user term has exactly the full objective's user-term
     loss, a pair drawn for the generic term its generic-term loss; so the expected loss is the alpha mix."""
-    import prlhf.trainer as trainer_module
 
     records = two_user_records(n_prompts=2)  # 4 pairs of two users
     model = model_for("individual", ["long_fan", "short_fan"], user_offset_init="vocab")
@@ -226,7 +227,7 @@ def test_alpha_sampling_scores_each_pair_under_the_drawn_term(tmp_path, monkeypa
     assert torch.allclose(full, (0.3 * user_terms + 0.7 * generic_terms).mean())
     trainer.args.alpha_sampling = True
     draws = torch.tensor([0.1, 0.9, 0.5, 0.2])  # < alpha: user term for pairs 0 and 3
-    monkeypatch.setattr(trainer_module.torch, "rand", lambda n, device=None: draws[:n])
+    monkeypatch.setattr(torch, "rand", lambda n, device=None: draws[:n])
     sampled, metrics = trainer.pdpo_loss(model, batch)
     pick = torch.tensor([True, False, False, True])
     expected = torch.where(pick, user_terms, generic_terms)
@@ -247,3 +248,20 @@ def test_alpha_sampling_learns_opposite_preferences(tmp_path):
     trainer.train()
     acc = evaluate_accuracy(trainer.model, records, trainer.reference_for_eval())["accuracy"]["per_user"]
     assert acc["long_fan"] >= 0.9 and acc["short_fan"] >= 0.9
+
+
+def test_private_trainer_methods_we_override_keep_their_signatures():
+    """prlhf overrides four private ``transformers.Trainer`` methods (a model folder is not one state
+    dict; the lazily updated per-user rows have sparse gradients) and calls ``Trainer._save``; they
+    were checked against transformers 5.24. A transformers release that renames or re-signs them
+    must fail here, loudly, not change training silently."""
+    import inspect
+
+    from transformers import Trainer
+
+    expected = {"_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"], "_load_best_model": ["self"],
+                "_clip_grad_norm": ["self", "model"], "_get_grad_norm": ["self", "model", "grad_norm"],
+                "_save": ["self", "output_dir", "state_dict"]}
+    for name, params in expected.items():
+        assert hasattr(Trainer, name), f"transformers.Trainer.{name} is gone: prlhf's override no longer runs"
+        assert list(inspect.signature(getattr(Trainer, name)).parameters) == params, name

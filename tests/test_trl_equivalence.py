@@ -15,7 +15,7 @@ from prlhf.config import (
 )
 from prlhf.modeling import PersonalizedLM  # noqa: E402
 from prlhf.models import tiny_llama  # noqa: E402
-from prlhf.trainer import PDPOTrainer  # noqa: E402
+from prlhf.trainers.pdpo import PDPOTrainer  # noqa: E402
 from prlhf.users import UserRegistry  # noqa: E402
 
 BETA = 0.3

@@ -15,7 +15,7 @@ from prlhf.config import PDPOConfig, PersonalizationConfig
 from prlhf.modeling import PersonalizedLM
 from prlhf.models import tiny_llama
 from prlhf.optim import CombinedOptimizer, clip_grad_norm_
-from prlhf.trainer import PDPOTrainer
+from prlhf.trainers.pdpo import PDPOTrainer
 from prlhf.user_models import build_user_model, gather_rows
 from prlhf.users import UserRegistry
 

@@ -21,8 +21,8 @@ _EXPORTS = {
     "PersonalizationConfig": "config",
     "PersonalizedLM": "modeling",
     "load_model_and_tokenizer": "models",
-    "PDPOTrainer": "trainer",
-    "PSFTTrainer": "trainer",
+    "PDPOTrainer": "trainers.pdpo",
+    "PSFTTrainer": "trainers.sft",
     "UserRegistry": "users",
 }
 

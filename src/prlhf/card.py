@@ -39,7 +39,7 @@ def model_card(config, n_users: int, n_user_texts: int = 0, training: dict | Non
         lines += ["", "## Last training metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     if reward:
-        code = ["from prlhf.reward import PersonalizedRewardModel", "",
+        code = ["from prlhf.reward_model import PersonalizedRewardModel", "",
                 "rm = PersonalizedRewardModel.from_pretrained(\"<this folder>\")",
                 "print(rm.score([\"Your prompt\"], [\"A response\"], user_ids=[\"<a user id>\"]))"]
         command = "prlhf rm score --model <this folder> --input rows.jsonl --output scored.jsonl"

@@ -117,7 +117,7 @@ def _train_and_save(trainer, what: str):
 
 def cmd_train(argv: list[str]) -> int:
     from .config import PDPOConfig
-    from .trainer import PDPOTrainer
+    from .trainers.pdpo import PDPOTrainer
 
     cfg = parse_config(PDPOConfig, argv)
     trainer = _train_and_save(PDPOTrainer(args=cfg), "personalized model")
@@ -131,7 +131,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_sft(argv: list[str]) -> int:
     from .config import PDPOConfig, PSFTConfig
-    from .trainer import PSFTTrainer
+    from .trainers.sft import PSFTTrainer
 
     pdpo_only = {f.name for f in dataclasses.fields(PDPOConfig)} - {f.name for f in dataclasses.fields(PSFTConfig)}
     cfg = parse_config(PSFTConfig, argv, ignore=pdpo_only)
@@ -321,7 +321,8 @@ def _prompt_records(path: str) -> list[dict]:
 
 def _generate_best_of(a, policy) -> int:
     """``prlhf generate --best-of N --reward-model DIR``: N samples per prompt, the P-RM's pick for the user."""
-    from .reward import PersonalizedRewardModel, best_of_n
+    from .best_of_n import best_of_n
+    from .reward_model import PersonalizedRewardModel
 
     rm = PersonalizedRewardModel.from_pretrained(a.reward_model, **a.load_kwargs())
     kw = dict(n=a.best_of, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
@@ -648,14 +649,14 @@ def cmd_rm(argv: list[str]) -> int:
 
 def _rm_train(argv: list[str]) -> int:
     from .config import PRMConfig
-    from .reward import PRMTrainer
+    from .trainers.prm import PRMTrainer
 
     _train_and_save(PRMTrainer(args=parse_config(PRMConfig, argv)), "personalized reward model")
     return 0
 
 
 def _is_reward_folder(path: str) -> bool:
-    from .reward import HEAD_NAME
+    from .reward_model import HEAD_NAME
 
     return (Path(path) / HEAD_NAME).is_file()
 
@@ -667,7 +668,7 @@ def _rm_eval(argv: list[str]) -> int:
     from .modeling import PersonalizedLM
     from .reference import load_reference
     from .report import comparison_table, method_summary, write_report
-    from .reward import PersonalizedRewardModel, evaluate_reward_accuracy
+    from .reward_model import PersonalizedRewardModel, evaluate_reward_accuracy
     from .storage import atomic_write_text, check_output_path
 
     a = parse_config(RMEvalConfig, _merge_repeated(argv, "--model"))
@@ -729,7 +730,7 @@ def _rm_eval(argv: list[str]) -> int:
 def _rm_score(argv: list[str]) -> int:
     from .config import RMScoreConfig
     from .data import read_records
-    from .reward import PersonalizedRewardModel
+    from .reward_model import PersonalizedRewardModel
     from .storage import atomic_write_text, check_output_path
 
     a = parse_config(RMScoreConfig, argv)

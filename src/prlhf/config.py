@@ -15,7 +15,7 @@ from transformers import TrainingArguments
 
 from .layout import check_user_position
 from .losses import LOSS_TYPES
-from .models import DTYPES
+from .models import DTYPES, portable_path
 from .storage import check_output_path
 from .user_models import CLUSTER_WEIGHTINGS, OFFSET_INITS, USER_INITS, USER_MODELS
 
@@ -252,6 +252,23 @@ class PDPOConfig(PrlhfArguments):
     def default_learning_rate(self) -> float:
         """The LLM's learning rate when none is given: it follows ``use_lora``."""
         return LORA_LEARNING_RATE if self.use_lora else FULL_LEARNING_RATE
+
+    def personalization_config(self) -> PersonalizationConfig:
+        """What the model this run trains records about itself (``prlhf_config.json``)."""
+        return PersonalizationConfig(
+            base_model_name_or_path=portable_path(self.model_name_or_path),
+            user_model=self.user_model,
+            n_user_tokens=self.n_user_tokens,
+            n_clusters=self.n_clusters,
+            cluster_weighting=self.cluster_weighting,
+            user_init=self.user_init,
+            user_offset_init=self.user_offset_init,
+            max_user_text_tokens=self.max_user_text_tokens,
+            use_lora=self.use_lora,
+            user_id_prompt=self.user_id_prompt if self.user_id_in_prompt else None,
+            seed=self.seed,
+            user_position=self.user_position,
+        )
 
     def health_check_active(self) -> bool:
         """Whether training holds out ``health_eval_pairs`` of its pairs for the health signal: no

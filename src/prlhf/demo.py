@@ -25,7 +25,9 @@ from .models import load_model_and_tokenizer
 from .reference import reference_identity
 from .report import comparison_table, method_summary, write_report
 from .sources import synthesize, write_conversion
-from .trainer import PDPOTrainer, PSFTTrainer, use_compact_progress
+from .trainers.callbacks import use_compact_progress
+from .trainers.pdpo import PDPOTrainer
+from .trainers.sft import PSFTTrainer
 from .user_match import build_matcher
 from .users import UserRegistry
 

@@ -270,3 +270,10 @@ def load_model_and_tokenizer(
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def portable_path(name_or_path: str) -> str:
+    """Aliases and hub ids stay as they are; local folders become absolute paths."""
+    if name_or_path in ALIASES or not Path(name_or_path).exists():
+        return name_or_path
+    return str(Path(name_or_path).resolve())

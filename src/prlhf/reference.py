@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .guards import NonFiniteError
-from .models import ALIASES, cache_dir, load_model_and_tokenizer
+from .models import cache_dir, load_model_and_tokenizer, portable_path
 from .scoring import score_targets, sum_per_sequence
 from .storage import atomic_write_with
 
@@ -248,13 +248,6 @@ def cached_reference_logps(examples: list[dict], key: str, compute: Callable[[],
 
 
 # -- which model pi_SFT is --------------------------------------------------------------------------
-
-
-def portable_path(name_or_path: str) -> str:
-    """Aliases and hub ids stay as they are; local folders become absolute paths."""
-    if name_or_path in ALIASES or not Path(name_or_path).exists():
-        return name_or_path
-    return str(Path(name_or_path).resolve())
 
 
 def training_reference(ref_path: str | None, reference_model=None, trust_remote_code: bool = False, **load_kwargs):

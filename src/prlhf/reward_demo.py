@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
+from .best_of_n import rerank, sample_candidates
 from .config import PRMConfig
 from .data import load_preference_data
 from .demo import _common_args, majority_share, step_printer, train_sft, write_demo_data
 from .evaluation import group_of, held_out_prompts, load_user_groups
 from .modeling import PersonalizedLM
 from .report import comparison_table, method_summary, write_report
-from .reward import PersonalizedRewardModel, PRMTrainer, evaluate_reward_accuracy, rerank, sample_candidates
-from .trainer import use_compact_progress
+from .reward_model import PersonalizedRewardModel, evaluate_reward_accuracy
+from .trainers.callbacks import use_compact_progress
+from .trainers.prm import PRMTrainer
 
 # reward model name -> PRMConfig overrides
 REWARD_MODELS = {"rm_uniform": dict(user_model="uniform"), "prm_individual": dict(user_model="individual")}

@@ -86,7 +86,7 @@ def _logit_transform(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else float(scale)), getattr(cfg, "final_logit_softcapping", None)
 
 
-def _backbone_and_head(llm: nn.Module):
+def backbone_and_head(llm: nn.Module):
     """(decoder, LM head) of a causal LM, or None when the model does not expose them."""
     try:
         decoder, head = llm.get_decoder(), llm.get_output_embeddings()
@@ -113,7 +113,7 @@ def score_targets(llm: nn.Module, embeds: torch.Tensor, batch: dict, target_inde
         if hide_user:
             attention_mask = attention_mask * (~batch["user_mask"]).long()
         position_ids = position_ids_from_mask(attention_mask)
-    parts = None if full_logits else _backbone_and_head(llm)
+    parts = None if full_logits else backbone_and_head(llm)
     kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     if parts is None:
         logits = llm(**kwargs).logits
