@@ -8,7 +8,7 @@ The users of ``--new-users`` must be absent from the model. Their pairs on the p
 ``--held-out-prompts`` (and, when that leaves a user with too few pairs, a ``--held-out-fraction``
 of each user's prompts) are held out; the rest is each user's adaptation pool. For each k and
 strategy the new users are adapted from the generic user on the first k pairs of their pool
-(``prlhf.cold_start.learning_curves``); prints the table, writes JSON (the ``cold_start`` shape of
+(``prlhf.experiments.cold_start.learning_curves``); prints the table, writes JSON (the ``cold_start`` shape of
 the demo's report plus timing) and a plot beside it.
 """
 
@@ -46,11 +46,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
     from prlhf.adapt import training_objective
-    from prlhf.cold_start import cold_start_table, learning_curves, pairs_to_match, plot_cold_start, split_new_users
     from prlhf.data import load_preference_data
     from prlhf.evaluation import load_user_groups
+    from prlhf.experiments.cold_start import learning_curves, pairs_to_match, split_new_users
     from prlhf.modeling import PersonalizedLM
     from prlhf.reference import load_reference
+    from prlhf.report import cold_start_table, plot_cold_start
 
     torch.manual_seed(a.seed)
     start = time.time()

@@ -26,7 +26,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=["dpo", "pdpo_individual", "pdpo_cluster"])
     a = p.parse_args(argv)
-    from prlhf.demo import check_findings, run_demo
+    from prlhf.experiments.demo import check_findings, run_demo
 
     out = {}
     for layout in ("prefix", "before_response"):

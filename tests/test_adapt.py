@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import build_model, collate, two_user_records
 
-from prlhf.adapt import adapt_users, disagreement_scores, export_user, list_users, remove_user, suggest_pairs
+from prlhf.adapt import adapt_users, disagreement_scores, suggest_pairs
 from prlhf.cli import main
 from prlhf.config import PDPOConfig
 from prlhf.evaluation import evaluate_accuracy
 from prlhf.modeling import PersonalizedLM
+from prlhf.persistence import export_user, list_users, remove_user
 from prlhf.storage import sha256_file, verify_manifest
 from prlhf.trainers.pdpo import PDPOTrainer
 

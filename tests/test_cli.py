@@ -108,7 +108,7 @@ def test_sft_reads_a_pdpo_recipe_and_missing_model_is_a_clear_error(tmp_path, ca
 def test_count_new_tokens_stops_at_eos_and_padding():
     import torch
 
-    from prlhf.cli import count_new_tokens
+    from prlhf.generation import count_new_tokens
 
     ids = torch.tensor([[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [5, 0, 0, 0, 0]])
     assert count_new_tokens(ids, eos_id=2, pad_id=0) == 3 + 5 + 1

@@ -4,7 +4,7 @@
 import json
 
 from prlhf.cli import main
-from prlhf.demo import check_findings, run_demo
+from prlhf.experiments.demo import check_findings, run_demo
 
 
 def test_demo_pipeline_writes_the_report_contract(tmp_path, capsys):

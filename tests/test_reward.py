@@ -393,7 +393,7 @@ def test_after_response_layout_puts_the_user_last_and_cannot_generate(tmp_path):
 
 
 def test_reward_demo_writes_its_report(tmp_path):
-    from prlhf.reward_demo import check_reward_findings, run_reward_demo
+    from prlhf.experiments.reward_demo import check_reward_findings, run_reward_demo
 
     report = run_reward_demo(tmp_path / "rd", n_users=4, unseen_users=2, pairs_per_user=8, n_prompts=20, sft_epochs=1,
                              num_train_epochs=1, prompts_per_user=1, best_of=2, max_new_tokens=8)

@@ -1,4 +1,4 @@
-"""New users after training: few-shot adaptation, active questions, export and removal.
+"""New users after training: few-shot adaptation and active questions.
 
 * ``adapt_users``: add the users of a few labelled pairs to a trained model and fit only their own
   parameters (individual model: their offset o_u; cluster model: their K mixture logits) with the
@@ -9,8 +9,9 @@
 * ``suggest_pairs``: which unlabelled candidate comparisons would tell the most about a new user:
   those on which a committee of known users (the seen users' embeddings, or the cluster
   embeddings) disagrees most about the preferred response.
-* ``export_user`` / ``remove_user``: what the model holds about one user, as JSON, and forgetting
-  it (the id is served as the generic user afterwards; every other user is unchanged).
+
+What a saved model holds about its users (list, export, removal) lives with the model folders, in
+``prlhf.persistence``.
 """
 
 from __future__ import annotations
@@ -19,25 +20,22 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import tokenize_dataset
+from .data import load_preference_data, tokenize_dataset
 from .evaluation import pair_margins
 from .guards import check_finite
 from .losses import preference_loss, sft_term
-from .persistence import CONFIG_NAME, USER_MODEL_NAME, USERS_NAME, read_config
-from .reference import pair_reference_logps
+from .modeling import PersonalizedLM
+from .persistence import resolve_saved_model
+from .reference import load_reference, pair_reference_logps
 from .scoring import packing_supported
-from .storage import _MODEL_SUFFIXES, MANIFEST_NAME, read_manifest, recover_folder, save_folder, verify_manifest
-from .user_models import ClusterUserModel, IndividualUserModel
 from .users import UserRegistry
 
 logger = logging.getLogger(__name__)
@@ -344,105 +342,50 @@ def suggest_pairs(model, candidates: list[dict], n: int, reference=None, strateg
     return picked
 
 
-# -- export and removal ------------------------------------------------------------------------------
+# -- the commands: a model folder in, a model folder (or suggested pairs) out ------------------------
 
 
-def _read_folder(directory: Path, with_tensors: bool = True) -> tuple[dict, UserRegistry, dict[str, torch.Tensor]]:
-    """Config, registry and (``with_tensors``) user-model tensors of a saved model; only the files
-    read are checked against the manifest (the base weights are not hashed to list users)."""
-    recover_folder(directory)
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{directory}: not a prlhf model ({CONFIG_NAME} missing)")
-    read = [CONFIG_NAME, USERS_NAME] + ([USER_MODEL_NAME] if with_tensors else [])
-    if not verify_manifest(directory, names=read):
-        logger.warning("%s: no %s: files are not verified", directory, MANIFEST_NAME)
-    config = read_config(directory / CONFIG_NAME)
-    registry = UserRegistry.load(directory / USERS_NAME)
-    path = directory / USER_MODEL_NAME
-    tensors = load_file(str(path)) if with_tensors and path.is_file() else {}
-    return config, registry, tensors
+def adapt_folder(cfg) -> tuple:
+    """``prlhf adapt``: adapt the users of ``cfg.data`` (an ``AdaptConfig``) in the model folder
+    ``cfg.model`` and write the result to ``cfg.output`` (with ``adaptation.json``, and the
+    training's ``training_args.json``). Returns (model, ``AdaptResult``)."""
+    torch.manual_seed(cfg.seed)
+    records = load_preference_data(cfg.data)
+    source = resolve_saved_model(cfg.model)
+    model = PersonalizedLM.from_pretrained(source)
+    objective = training_objective(source)
+    result = adapt_users(model, records, load_reference(model, cfg.reference), steps=cfg.steps,
+                         learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, reset=cfg.reset, beta=cfg.beta,
+                         sft_weight=cfg.sft_weight, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                         seed=cfg.seed, objective=objective, name=cfg.data)
+    extra = {"adaptation.json": json.dumps({**result.to_dict(), "data": cfg.data, "from": str(cfg.model)}, indent=1)}
+    if (Path(source) / TRAINING_ARGS_NAME).is_file():
+        extra[TRAINING_ARGS_NAME] = (Path(source) / TRAINING_ARGS_NAME).read_text(encoding="utf-8")
+    model.save_pretrained(cfg.output, extra_files=extra)
+    return model, result
 
 
-# user model kind -> its class, which names the per-user tensor and the row stored at its index 0
-_PER_USER = {"individual": IndividualUserModel, "cluster": ClusterUserModel}
-
-
-def list_users(directory: str | os.PathLike) -> list[dict]:
-    """One row per user of a saved model: id, row, pair count, whether a text is stored."""
-    _, registry, _ = _read_folder(Path(directory), with_tensors=False)
-    return [{"user_id": uid, "row": registry.row(uid), "n_pairs": registry.pair_counts.get(uid),
-             "has_text": uid in registry.user_texts} for uid in registry.ids]
-
-
-def _export(directory: Path, config, registry: UserRegistry, tensors: dict, user_id: str) -> dict:
-    if user_id not in registry:
-        raise KeyError(f"{directory}: no user {user_id!r} (the model knows {len(registry)} users; "
-                       f"`prlhf users list --model {directory}` lists them)")
-    row = registry.row(user_id)
-    parameters: dict = {}
-    cls = _PER_USER.get(config.user_model)
-    if cls is not None and cls.per_user_param in tensors:
-        value = tensors[cls.per_user_param][row - cls.first_row].float()
-        parameters[cls.per_user_param] = value.tolist()
-        if config.user_model == "cluster":
-            w = value.softmax(-1) if config.cluster_weighting == "softmax" else value
-            parameters["cluster_weights"] = w.tolist()
-    return {"user_id": user_id, "row": row, "user_model": config.user_model, "parameters": parameters,
-            "user_text": registry.user_texts.get(user_id), "n_pairs": registry.pair_counts.get(user_id),
-            "model": str(directory)}
-
-
-def export_user(directory: str | os.PathLike, user_id: str) -> dict:
-    """Everything the model folder holds about one user, as JSON-ready data: their own
-    parameters (individual: the offset o_u, T_u x d; cluster: the K mixture logits and weights),
-    their text and their pair count."""
-    directory = Path(directory)
-    return _export(directory, *_read_folder(directory), user_id)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # files are replaced, never changed in place: a hard link is a safe copy
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def remove_user(directory: str | os.PathLike, user_id: str) -> dict:
-    """Forget one user: their parameters, registry entry, text and counts are deleted and the
-    folder is rewritten atomically (a kill leaves the old folder or the new one). The id is served
-    as the generic user from then on; every other user's parameters keep their values (they move
-    up one row). The shared weights were trained on the user's pairs too: removing those needs
-    retraining without them. Returns what was removed (``export_user``)."""
-    directory = Path(directory)
-    config, registry, tensors = _read_folder(directory)
-    removed = _export(directory, config, registry, tensors, user_id)
-    row = registry.remove(user_id)
-    cls = _PER_USER.get(config.user_model)
-    if cls is not None and cls.per_user_param in tensors:
-        t = tensors[cls.per_user_param]
-        i = row - cls.first_row
-        tensors[cls.per_user_param] = torch.cat([t[:i], t[i + 1:]]).contiguous()
-    manifest = read_manifest(directory)
-    if manifest is not None:
-        saved = sorted(manifest["files"])
-    else:  # a folder from before manifests: its top-level model files
-        saved = sorted(e.name for e in directory.iterdir() if e.is_file() and e.name.endswith(_MODEL_SUFFIXES))
-    changed = {USERS_NAME, USER_MODEL_NAME, MANIFEST_NAME}
-
-    def write(tmp: Path) -> None:
-        # the rest of the saved model, unchanged (other entries, such as checkpoints, are carried over by save_folder)
-        for rel in saved:
-            if rel in changed:
-                continue
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(directory / rel, tmp / rel)
-        registry.save(tmp / USERS_NAME)
-        if tensors:
-            save_file(tensors, str(tmp / USER_MODEL_NAME), metadata={"format": "pt", "kind": config.user_model})
-
-    save_folder(directory, write)
-    return removed
+def suggest_for_folder(cfg) -> tuple[list[dict], int]:
+    """``prlhf adapt --suggest N``: the ``cfg.suggest`` candidate pairs of ``cfg.candidates`` to ask
+    a new user about, ranked, as records (``user_id`` = ``cfg.user`` when given, ``suggest_rank``,
+    ``candidate_index``). Returns (records, number of candidates)."""
+    torch.manual_seed(cfg.seed)
+    candidates = load_preference_data(cfg.candidates)
+    model = PersonalizedLM.from_pretrained(cfg.model)
+    objective = training_objective(resolve_saved_model(cfg.model))
+    picked = suggest_pairs(model, candidates, cfg.suggest, load_reference(model, cfg.reference), cfg.strategy, cfg.seed,
+                           beta=cfg.beta or objective.get("beta", 0.1), batch_size=cfg.batch_size,
+                           max_length=cfg.max_length or objective.get("max_length", 1024),
+                           max_prompt_length=cfg.max_prompt_length or objective.get("max_prompt_length", 512))
+    out = []
+    for rank, i in enumerate(picked):
+        rec = {k: v for k, v in candidates[i].items() if k not in ("index", "_line")}
+        if cfg.user is not None:
+            rec["user_id"] = cfg.user
+        rec.update(suggest_rank=rank + 1, candidate_index=i)
+        out.append(rec)
+    return out, len(candidates)
 
 
 __all__ = ["AdaptResult", "adapt_users", "training_objective", "suggest_pairs", "disagreement_scores",
-           "committee_embeddings", "export_user", "remove_user", "list_users"]
+           "committee_embeddings", "adapt_folder", "suggest_for_folder"]

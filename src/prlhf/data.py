@@ -78,6 +78,34 @@ def read_records(path: str | Path) -> list[dict]:
     return rows
 
 
+def read_prompt_records(path: str | Path) -> list[dict]:
+    """Rows to generate for (``prlhf generate --input``): each with a ``prompt`` (text or chat
+    messages), optional ``user_id`` and ``user_text``; errors name the file, record and field."""
+    records = read_records(path)
+    for i, rec in enumerate(records):
+        if not isinstance(rec.get("prompt"), (str, list)):
+            raise DataError(f"{path}: record {i} (line {rec.get('_line')}): field 'prompt' is missing")
+        rec.pop("_line", None)
+    return records
+
+
+def read_scoring_rows(path: str | Path) -> list[dict]:
+    """Rows to score with a reward model (``prlhf rm score``): ``prompt`` (text or chat messages),
+    ``response`` (text), optional ``user_id`` and ``user_text``; errors name the file, record and field."""
+    rows = read_records(path)
+    for i, row in enumerate(rows):
+        where = f"{path}: record {i}" + (f" (line {row['_line']})" if "_line" in row else "")
+        if not isinstance(row.get("prompt"), (str, list)):
+            raise DataError(f"{where}: field 'prompt' is missing or not text / chat messages")
+        if not isinstance(row.get("response"), str):
+            raise DataError(f"{where}: field 'response' is missing or not text")
+        for key in ("user_id", "user_text"):
+            if row.get(key) is not None and not isinstance(row[key], (str, int)):
+                raise DataError(f"{where}: field {key!r} must be text, got {type(row[key]).__name__}")
+        row.pop("_line", None)
+    return rows
+
+
 def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
@@ -169,6 +197,19 @@ def hold_out_pairs(records: list[dict], n: int, seed: int = 0, max_share: float 
                 held.append(queues[user].pop())
     chosen = set(held)
     return [r for i, r in enumerate(records) if i not in chosen], [records[i] for i in sorted(chosen)]
+
+
+def cap_pairs_per_user(records: list[dict], n: int | None) -> list[dict]:
+    """The first ``n`` pairs of each user, in file order (all of them when ``n`` is None)."""
+    if n is None:
+        return records
+    seen: dict = {}
+    kept = []
+    for r in records:
+        seen[r["user_id"]] = seen.get(r["user_id"], 0) + 1
+        if seen[r["user_id"]] <= n:
+            kept.append(r)
+    return kept
 
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:

@@ -20,7 +20,7 @@ from transformers.trainer_utils import IntervalStrategy
 from .data import hold_out_pairs
 
 if TYPE_CHECKING:
-    from .config import PDPOConfig
+    from .config.training import PDPOConfig
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .collate import PreferenceCollator, collate_sequences
-from .config import PersonalizationConfig
+from .config.training import PersonalizationConfig
 from .data import TokenizeSettings, tokenize_prompt, with_user_id
 from .layout import build_sequence
 from .models import load_model_and_tokenizer, resolve_device

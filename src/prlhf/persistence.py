@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -20,11 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .card import model_card
-from .config import PersonalizationConfig
+from .config.training import PersonalizationConfig
 from .guards import check_finite
 from .models import load_model_and_tokenizer, resolve_device
-from .storage import MANIFEST_NAME, IntegrityError, recover_folder, save_folder, verify_manifest
-from .user_models import build_user_model
+from .storage import MANIFEST_NAME, MODEL_SUFFIXES, IntegrityError, read_manifest, recover_folder, save_folder, verify_manifest
+from .user_models import ClusterUserModel, IndividualUserModel, build_user_model
 from .users import UserRegistry
 
 logger = logging.getLogger(__name__)
@@ -215,3 +216,103 @@ def _load_tokenizer(directory: Path, trust_remote_code: bool):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# -- what a model folder holds about its users: list, export, removal ------------------------------------------------------------------------------
+
+
+def _read_folder(directory: Path, with_tensors: bool = True) -> tuple[dict, UserRegistry, dict[str, torch.Tensor]]:
+    """Config, registry and (``with_tensors``) user-model tensors of a saved model; only the files
+    read are checked against the manifest (the base weights are not hashed to list users)."""
+    recover_folder(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory}: not a prlhf model ({CONFIG_NAME} missing)")
+    read = [CONFIG_NAME, USERS_NAME] + ([USER_MODEL_NAME] if with_tensors else [])
+    if not verify_manifest(directory, names=read):
+        logger.warning("%s: no %s: files are not verified", directory, MANIFEST_NAME)
+    config = read_config(directory / CONFIG_NAME)
+    registry = UserRegistry.load(directory / USERS_NAME)
+    path = directory / USER_MODEL_NAME
+    tensors = load_file(str(path)) if with_tensors and path.is_file() else {}
+    return config, registry, tensors
+
+
+# user model kind -> its class, which names the per-user tensor and the row stored at its index 0
+_PER_USER = {"individual": IndividualUserModel, "cluster": ClusterUserModel}
+
+
+def list_users(directory: str | os.PathLike) -> list[dict]:
+    """One row per user of a saved model: id, row, pair count, whether a text is stored."""
+    _, registry, _ = _read_folder(Path(directory), with_tensors=False)
+    return [{"user_id": uid, "row": registry.row(uid), "n_pairs": registry.pair_counts.get(uid),
+             "has_text": uid in registry.user_texts} for uid in registry.ids]
+
+
+def _export(directory: Path, config, registry: UserRegistry, tensors: dict, user_id: str) -> dict:
+    if user_id not in registry:
+        raise KeyError(f"{directory}: no user {user_id!r} (the model knows {len(registry)} users; "
+                       f"`prlhf users list --model {directory}` lists them)")
+    row = registry.row(user_id)
+    parameters: dict = {}
+    cls = _PER_USER.get(config.user_model)
+    if cls is not None and cls.per_user_param in tensors:
+        value = tensors[cls.per_user_param][row - cls.first_row].float()
+        parameters[cls.per_user_param] = value.tolist()
+        if config.user_model == "cluster":
+            w = value.softmax(-1) if config.cluster_weighting == "softmax" else value
+            parameters["cluster_weights"] = w.tolist()
+    return {"user_id": user_id, "row": row, "user_model": config.user_model, "parameters": parameters,
+            "user_text": registry.user_texts.get(user_id), "n_pairs": registry.pair_counts.get(user_id),
+            "model": str(directory)}
+
+
+def export_user(directory: str | os.PathLike, user_id: str) -> dict:
+    """Everything the model folder holds about one user, as JSON-ready data: their own
+    parameters (individual: the offset o_u, T_u x d; cluster: the K mixture logits and weights),
+    their text and their pair count."""
+    directory = Path(directory)
+    return _export(directory, *_read_folder(directory), user_id)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # files are replaced, never changed in place: a hard link is a safe copy
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def remove_user(directory: str | os.PathLike, user_id: str) -> dict:
+    """Forget one user: their parameters, registry entry, text and counts are deleted and the
+    folder is rewritten atomically (a kill leaves the old folder or the new one). The id is served
+    as the generic user from then on; every other user's parameters keep their values (they move
+    up one row). The shared weights were trained on the user's pairs too: removing those needs
+    retraining without them. Returns what was removed (``export_user``)."""
+    directory = Path(directory)
+    config, registry, tensors = _read_folder(directory)
+    removed = _export(directory, config, registry, tensors, user_id)
+    row = registry.remove(user_id)
+    cls = _PER_USER.get(config.user_model)
+    if cls is not None and cls.per_user_param in tensors:
+        t = tensors[cls.per_user_param]
+        i = row - cls.first_row
+        tensors[cls.per_user_param] = torch.cat([t[:i], t[i + 1:]]).contiguous()
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        saved = sorted(manifest["files"])
+    else:  # a folder from before manifests: its top-level model files
+        saved = sorted(e.name for e in directory.iterdir() if e.is_file() and e.name.endswith(MODEL_SUFFIXES))
+    changed = {USERS_NAME, USER_MODEL_NAME, MANIFEST_NAME}
+
+    def write(tmp: Path) -> None:
+        # the rest of the saved model, unchanged (other entries, such as checkpoints, are carried over by save_folder)
+        for rel in saved:
+            if rel in changed:
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(directory / rel, tmp / rel)
+        registry.save(tmp / USERS_NAME)
+        if tensors:
+            save_file(tensors, str(tmp / USER_MODEL_NAME), metadata={"format": "pt", "kind": config.user_model})
+
+    save_folder(directory, write)
+    return removed

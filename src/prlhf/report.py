@@ -170,8 +170,6 @@ def write_report(out_dir: str | Path, report: dict, generations: dict[str, list[
         paths["accuracy"] = plot_accuracy_per_user(per_user, groups or {}, out / "accuracy_per_user.png")
         md += ["![accuracy per user](accuracy_per_user.png)", ""]
     if report.get("cold_start"):
-        from .cold_start import cold_start_table, plot_cold_start
-
         cs = report["cold_start"]
         paths["cold_start"] = plot_cold_start(cs, out / "cold_start.png")
         md += ["## New users (cold start)", "",
@@ -182,6 +180,48 @@ def write_report(out_dir: str | Path, report: dict, generations: dict[str, list[
                "", "![cold start](cold_start.png)", ""]
     paths["md"].write_text("\n".join(md))
     return paths
+
+
+def cold_start_table(cold: dict) -> str:
+    """Markdown: accuracy of new users per k, one row per (user model, strategy)."""
+    ks = sorted({int(k) for m in cold["curves"].values() for c in m.values() for k in c})
+    head = ["user model", "choice"] + [f"k={k}" for k in ks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, curves in cold["curves"].items():
+        for strategy, curve in curves.items():
+            cells = [name, strategy] + ["-" if curve.get(str(k)) is None else f"{curve[str(k)]:.3f}" for k in ks]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_cold_start(cold: dict, path: str | Path) -> Path:
+    """Learning curves: held-out accuracy of new users against the number of labelled pairs k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for name, curves in cold["curves"].items():
+        for strategy, curve in curves.items():
+            ks = sorted(int(k) for k in curve)
+            xs = [max(k, 0.5) for k in ks]  # k = 0 drawn at 0.5 on the log axis
+            ax.plot(xs, [curve[str(k)] for k in ks], marker="o", ls="-" if strategy == "random" else "--",
+                    label=f"{name}, {strategy}")
+    if cold.get("seen_accuracy") is not None:
+        ax.axhline(cold["seen_accuracy"], color="grey", lw=0.8, ls=":", label="seen users")
+    if cold.get("text_only_accuracy") is not None:
+        ax.axhline(cold["text_only_accuracy"], color="green", lw=0.8, ls=":", label="text only, k = 0")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("labelled pairs per new user (k; k = 0 at 0.5)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def stamp_runtime(report_json: str | Path, since: float) -> float:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .collate import PreferenceCollator
-from .config import PRMConfig
+from .config.training import PRMConfig
 from .data import tokenize_dataset
 from .evaluation import score_pairs
 from .guards import check_finite

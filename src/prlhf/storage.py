@@ -32,7 +32,7 @@ MANIFEST_NAME = "manifest.json"
 _NEW = ".prlhf-new-"
 _OLD = ".prlhf-old"
 # files a model folder written before manifests existed may hold (legacy folders: not carried over)
-_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".jinja", ".model", ".txt", ".md", ".gguf")
+MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".jinja", ".model", ".txt", ".md", ".gguf")
 
 
 class IntegrityError(ValueError):
@@ -180,7 +180,7 @@ def _carry_over(old: Path, target: Path) -> None:
         src = old / name
         if saved is not None and name in saved:
             continue
-        if saved is None and not src.is_dir() and name.endswith(_MODEL_SUFFIXES):
+        if saved is None and not src.is_dir() and name.endswith(MODEL_SUFFIXES):
             continue  # a folder from before manifests: its model files are replaced, not kept
         os.replace(src, target / name)
     shutil.rmtree(old, ignore_errors=True)

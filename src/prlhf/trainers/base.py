@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from ..config import PDPOConfig
+from ..config.training import PDPOConfig
 from ..data import load_preference_data
 from ..guards import NonFiniteError
 from ..modeling import PersonalizedLM

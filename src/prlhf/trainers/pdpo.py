@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..config import PDPOConfig
+from ..config.training import PDPOConfig
 from ..data import load_preference_data, tokenize_dataset
 from ..health import health_split
 from ..losses import draw_user_terms, personalized_loss, preference_loss, sft_term

@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from ..config import LAZY_ROWS_FROM, PDPOConfig
+from ..config.training import LAZY_ROWS_FROM, PDPOConfig
 from ..health import health_causes, health_findings
 from ..optim import CombinedOptimizer, LazyAdam, clip_grad_norm_
 from ..users import GENERIC_ROW, UserRegistry

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import PRMConfig
+from ..config.training import PRMConfig
 from ..data import load_preference_data, tokenize_dataset
 from ..health import health_split
 from ..losses import draw_user_terms, prm_loss

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from ..collate import SFTCollator
-from ..config import PSFTConfig
+from ..config.training import PSFTConfig
 from ..data import TokenizeSettings, load_preference_data, tokenize_dataset
 from ..guards import check_finite
 from ..models import load_model_and_tokenizer

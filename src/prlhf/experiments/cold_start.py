@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
-from .adapt import adapt_users, suggest_pairs
-from .evaluation import bootstrap_ci, evaluate_accuracy, evaluate_generation
+from ..adapt import adapt_users, suggest_pairs
+from ..evaluation import bootstrap_ci, evaluate_accuracy, evaluate_generation
 
 DEFAULT_KS = (0, 1, 2, 4, 8, 16, 32)
 
@@ -119,45 +118,3 @@ def pairs_to_match(curves: dict, target_k: int = 8) -> dict:
         return {"random_at_k": goal, "active_k_needed": None}
     reached = [int(k) for k, v in act.items() if v is not None and v >= goal]
     return {"random_at_k": goal, "active_k_needed": min(reached) if reached else None}
-
-
-def cold_start_table(cold: dict) -> str:
-    """Markdown: accuracy of new users per k, one row per (user model, strategy)."""
-    ks = sorted({int(k) for m in cold["curves"].values() for c in m.values() for k in c})
-    head = ["user model", "choice"] + [f"k={k}" for k in ks]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, curves in cold["curves"].items():
-        for strategy, curve in curves.items():
-            cells = [name, strategy] + ["-" if curve.get(str(k)) is None else f"{curve[str(k)]:.3f}" for k in ks]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_cold_start(cold: dict, path: str | Path) -> Path:
-    """Learning curves: held-out accuracy of new users against the number of labelled pairs k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
-    for name, curves in cold["curves"].items():
-        for strategy, curve in curves.items():
-            ks = sorted(int(k) for k in curve)
-            xs = [max(k, 0.5) for k in ks]  # k = 0 drawn at 0.5 on the log axis
-            ax.plot(xs, [curve[str(k)] for k in ks], marker="o", ls="-" if strategy == "random" else "--",
-                    label=f"{name}, {strategy}")
-    if cold.get("seen_accuracy") is not None:
-        ax.axhline(cold["seen_accuracy"], color="grey", lw=0.8, ls=":", label="seen users")
-    if cold.get("text_only_accuracy") is not None:
-        ax.axhline(cold["text_only_accuracy"], color="green", lw=0.8, ls=":", label="text only, k = 0")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("labelled pairs per new user (k; k = 0 at 0.5)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -1,4 +1,5 @@
-"""Configs as dataclasses extending ``transformers.TrainingArguments`` (TRL-style, flat keys).
+"""Training configs as dataclasses extending ``transformers.TrainingArguments`` (TRL-style, flat
+keys): SFT, P-DPO, P-RM, and ``PersonalizationConfig``, what a saved model records.
 
 The same object is the Python API, the YAML recipe (``prlhf train --config recipe.yaml``) and the
 command-line flags (``--beta 0.1``): every field carries its help text in ``metadata``.
@@ -13,21 +14,18 @@ from typing import ClassVar
 
 from transformers import TrainingArguments
 
-from .layout import check_user_position
-from .losses import LOSS_TYPES
-from .models import DTYPES, portable_path
-from .storage import check_output_path
-from .user_models import CLUSTER_WEIGHTINGS, OFFSET_INITS, USER_INITS, USER_MODELS
+from ..layout import check_user_position
+from ..losses import LOSS_TYPES
+from ..models import DTYPES, portable_path
+from ..storage import check_output_path
+from ..user_models import CLUSTER_WEIGHTINGS, OFFSET_INITS, USER_INITS, USER_MODELS
+from .option import option
 
 USER_ROWS_UPDATES = ("auto", "dense", "lazy")
 LORA_LEARNING_RATE = 5e-4  # default LLM learning rate with use_lora (measured on SmolLM2)
 FULL_LEARNING_RATE = 5e-6  # default LLM learning rate for full fine-tuning
 HEALTH_EVAL_STEPS = 0.25  # health evaluation every quarter of the run when eval_steps is not set
 LAZY_ROWS_FROM = 1000  # user_rows_update auto: lazy from this many users
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -58,33 +56,33 @@ class PersonalizationConfig:
 class PrlhfArguments(TrainingArguments):
     """Model, data and LoRA settings shared by SFT and P-DPO."""
 
-    model_name_or_path: str = _f("tiny-llama", "Base causal LM: a hub id, a local folder, or the offline aliases "
+    model_name_or_path: str = option("tiny-llama", "Base causal LM: a hub id, a local folder, or the offline aliases "
                                  "'tiny-llama' and 'smollm2-135m-instruct'.")
-    train_file: str | None = _f(None, "Training preference pairs (JSONL or JSON list of canonical records).")
-    eval_file: str | None = _f(None, "Evaluation preference pairs, same format.")
-    max_length: int | None = _f(512, "Maximum prompt + response tokens per sequence; responses are truncated to fit. "
+    train_file: str | None = option(None, "Training preference pairs (JSONL or JSON list of canonical records).")
+    eval_file: str | None = option(None, "Evaluation preference pairs, same format.")
+    max_length: int | None = option(512, "Maximum prompt + response tokens per sequence; responses are truncated to fit. "
                                 "The user prefix (T_u vectors and the user's text) comes on top, so every user model "
                                 "(and vanilla DPO) scores the same response tokens.")
-    max_prompt_length: int | None = _f(256, "Maximum prompt tokens (BOS included); longer prompts keep their end.")
-    padding_side: str = _f("right", "Padding side of training batches ('right' or 'left'); log-probs do not depend on it.")
-    use_lora: bool = _f(False, "Train LoRA adapters instead of all LLM weights; the reference is then the base "
+    max_prompt_length: int | None = option(256, "Maximum prompt tokens (BOS included); longer prompts keep their end.")
+    padding_side: str = option("right", "Padding side of training batches ('right' or 'left'); log-probs do not depend on it.")
+    use_lora: bool = option(False, "Train LoRA adapters instead of all LLM weights; the reference is then the base "
                         "model with adapters disabled (no second copy of the weights).")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA scaling alpha.")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
-    lora_target_modules: str = _f("all-linear", "Modules that get LoRA adapters: 'all-linear' or a comma-separated list "
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA scaling alpha.")
+    lora_dropout: float = option(0.05, "LoRA dropout.")
+    lora_target_modules: str = option("all-linear", "Modules that get LoRA adapters: 'all-linear' or a comma-separated list "
                                   "of module names (e.g. 'q_proj,v_proj').")
-    trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless you ask for it).")
-    model_dtype: str = _f("float32", "dtype the base model (and reference) are loaded in: 'float32', 'bfloat16', "
+    trust_remote_code: bool = option(False, "Allow model code from the hub (off unless you ask for it).")
+    model_dtype: str = option("float32", "dtype the base model (and reference) are loaded in: 'float32', 'bfloat16', "
                           "'float16' or 'auto' (the checkpoint's own). Mixed-precision training itself is bf16/fp16.")
-    attn_implementation: str | None = _f(None, "Attention implementation to load the model with ('sdpa', 'eager', "
+    attn_implementation: str | None = option(None, "Attention implementation to load the model with ('sdpa', 'eager', "
                                          "'flash_attention_2', ...); default: transformers' choice.")
 
     # TRL-like defaults that differ from TrainingArguments'
-    output_dir: str | None = _f("outputs/prlhf", "Where checkpoints and the final model go.")
-    remove_unused_columns: bool = _f(False, "Kept False: prlhf never drops the user columns.")
-    logging_steps: float = _f(10, "Log every N steps.")
-    learning_rate: float = _f(1e-5, "Learning rate of the LLM (AdamW).")
+    output_dir: str | None = option("outputs/prlhf", "Where checkpoints and the final model go.")
+    remove_unused_columns: bool = option(False, "Kept False: prlhf never drops the user columns.")
+    logging_steps: float = option(10, "Log every N steps.")
+    learning_rate: float = option(1e-5, "Learning rate of the LLM (AdamW).")
 
     def __post_init__(self):
         if self.padding_side not in ("left", "right"):
@@ -129,8 +127,8 @@ class PrlhfArguments(TrainingArguments):
 class PSFTConfig(PrlhfArguments):
     """Supervised fine-tuning on prompt -> chosen, without any user input: builds pi_SFT."""
 
-    learning_rate: float = _f(2e-5, "Learning rate (AdamW).")
-    response_logits_only: bool = _f(True, "Apply the LM head at response positions only (the loss is the same); "
+    learning_rate: float = option(2e-5, "Learning rate (AdamW).")
+    response_logits_only: bool = option(True, "Apply the LM head at response positions only (the loss is the same); "
                                     "False computes logits at every position, as most SFT trainers do.")
 
 
@@ -140,77 +138,77 @@ class PDPOConfig(PrlhfArguments):
 
     reward_layouts: ClassVar[bool] = False  # user_position: the policy layouts (PRMConfig adds after_response)
 
-    user_model: str = _f("individual", f"Implicit user model: one of {USER_MODELS}. 'none' (and 'uniform') is vanilla DPO.")
-    n_user_tokens: int = _f(10, "T_u: number of implicit user-embedding tokens (1 to 64); sets the user model's capacity.")
-    n_clusters: int = _f(10, "K: number of cluster embeddings of the 'cluster' user model.")
-    cluster_weighting: str = _f("softmax", f"How cluster weights are normalised: one of {CLUSTER_WEIGHTINGS} "
+    user_model: str = option("individual", f"Implicit user model: one of {USER_MODELS}. 'none' (and 'uniform') is vanilla DPO.")
+    n_user_tokens: int = option(10, "T_u: number of implicit user-embedding tokens (1 to 64); sets the user model's capacity.")
+    n_clusters: int = option(10, "K: number of cluster embeddings of the 'cluster' user model.")
+    cluster_weighting: str = option("softmax", f"How cluster weights are normalised: one of {CLUSTER_WEIGHTINGS} "
                                 "('softmax': convex mix; 'linear': unnormalised low-rank factors).")
-    user_init: str = _f("vocab", f"User-embedding initialisation: one of {USER_INITS} ('vocab': copies of random "
+    user_init: str = option("vocab", f"User-embedding initialisation: one of {USER_INITS} ('vocab': copies of random "
                         "token embeddings, as the authors' code; 'random': small Gaussian).")
-    user_offset_init: str = _f("vocab", f"Initial per-user offsets o_u of the individual user model: one of {OFFSET_INITS} "
+    user_offset_init: str = option("vocab", f"Initial per-user offsets o_u of the individual user model: one of {OFFSET_INITS} "
                                "('vocab': copies of random token embeddings, as the authors' code, so users differ from "
                                "the first step; 'zero': every user starts as the generic user; 'random': Gaussian at the "
                                "token embeddings' scale). Measured (SmolLM2, TL;DR): zero offsets lost the minority (its "
                                "training accuracy 0.00-0.14 at step 20), vocab gave flip rate 0.22 after 40 steps.")
-    max_user_text_tokens: int = _f(128, "Explicit user model: tokens of the user's text kept (0 disables it).")
-    user_learning_rate: float | None = _f(1e-2, "Learning rate of the user model, its own (None: learning_rate). "
+    max_user_text_tokens: int = option(128, "Explicit user model: tokens of the user's text kept (0 disables it).")
+    user_learning_rate: float | None = option(1e-2, "Learning rate of the user model, its own (None: learning_rate). "
                                           "Measured (SmolLM2, LoRA at 5e-4): 1e-2 separated the users (TL;DR flip rate "
                                           "0.19, DSP 0.31); at the LLM's rate the soft prompts barely move.")
-    user_rows_update: str = _f("auto", "How the per-user rows (individual offsets, cluster mixture logits) are "
+    user_rows_update: str = option("auto", "How the per-user rows (individual offsets, cluster mixture logits) are "
                                "optimized: 'dense' (AdamW over the whole table every step: the step's cost grows with "
                                "the number of users), 'lazy' (sparse gradients; Adam moments and updates for the batch's "
                                "rows only, as TF's LazyAdam with AdamW's arithmetic: the cost is flat in the number of users, "
                                "and rows absent from a batch stay put; one process only), 'auto' (lazy from 1,000 users on, in "
                                "one process).")
-    user_position: str = _f("prefix", "Where the user tokens sit: 'prefix' (after BOS, before the prompt: the paper's "
+    user_position: str = option("prefix", "Where the user tokens sit: 'prefix' (after BOS, before the prompt: the paper's "
                             "layout) or 'before_response' (between the prompt and the response: the prompt is the same "
                             "for every user, so with packing one row holds the prompt once and both P-DPO terms' user "
                             "tokens and responses behind it).")
-    user_id_in_prompt: bool = _f(False, "Baseline: write the user id into the prompt text (user_id_prompt) "
+    user_id_in_prompt: bool = option(False, "Baseline: write the user id into the prompt text (user_id_prompt) "
                                  "instead of, or besides, a user model; what people do with TRL today.")
-    user_id_prompt: str = _f("[user: {user_id}]\n", "Template of the user id written into the prompt.")
-    alpha: float = _f(0.5, "Weight of the user-specific term; 1 - alpha weighs the generic-user term that teaches e_0.")
-    alpha_sampling: bool = _f(False, "Score each training pair under ONE term, drawn per pair: the user's (probability "
+    user_id_prompt: str = option("[user: {user_id}]\n", "Template of the user id written into the prompt.")
+    alpha: float = option(0.5, "Weight of the user-specific term; 1 - alpha weighs the generic-user term that teaches e_0.")
+    alpha_sampling: bool = option(False, "Score each training pair under ONE term, drawn per pair: the user's (probability "
                               "alpha) or the generic user's (1 - alpha). The loss is an unbiased estimate of the "
                               "alpha mix at half the forward/backward cost of running both terms (more steps per "
                               "hour, noisier gradients); evaluation always runs both terms.")
-    beta: float = _f(0.1, "DPO temperature beta: strength of the KL constraint to the reference.")
-    loss_type: str = _f("sigmoid", f"Preference loss: one of {LOSS_TYPES}.")
-    label_smoothing: float = _f(0.0, "Conservative-DPO label smoothing (sigmoid loss only).")
-    sft_weight: float = _f(0.0, "Weight of the chosen response's mean token NLL added to each term (RPO; TRL's "
+    beta: float = option(0.1, "DPO temperature beta: strength of the KL constraint to the reference.")
+    loss_type: str = option("sigmoid", f"Preference loss: one of {LOSS_TYPES}.")
+    label_smoothing: float = option(0.0, "Conservative-DPO label smoothing (sigmoid loss only).")
+    sft_weight: float = option(0.0, "Weight of the chosen response's mean token NLL added to each term (RPO; TRL's "
                            "loss_type=['sigmoid', 'sft']). Keeps chosen responses likely, so generations follow the "
                            "learned preference; 0 is plain P-DPO.")
-    reference_model_name_or_path: str | None = _f(None, "pi_SFT, the reference: default model_name_or_path "
+    reference_model_name_or_path: str | None = option(None, "pi_SFT, the reference: default model_name_or_path "
                                                   "(with LoRA: the base with adapters disabled).")
-    packing: bool = _f(True, "Shared-prompt packing: chosen and rejected of a pair in one sequence [user prefix, prompt, "
+    packing: bool = option(True, "Shared-prompt packing: chosen and rejected of a pair in one sequence [user prefix, prompt, "
                        "chosen, rejected] with a 4D attention mask, so the prompt is processed once per pair. False: "
                        "one padded sequence per response (the plain reference layout).")
-    precompute_ref_log_probs: bool = _f(True, "Compute the reference log-probs once, before training, and cache them on "
+    precompute_ref_log_probs: bool = option(True, "Compute the reference log-probs once, before training, and cache them on "
                                         "disk (reference_cache_dir); False: a reference forward pass every step (with "
                                         "a full copy of the weights unless use_lora).")
-    lazy_reference: bool = _f(False, "With LoRA (the reference is the base, adapters disabled) and "
+    lazy_reference: bool = option(False, "With LoRA (the reference is the base, adapters disabled) and "
                               "precompute_ref_log_probs: compute each pair's reference log-probs the first time a step "
                               "visits it and keep them in memory, instead of all pairs before training: a run that "
                               "sees part of the data pays for that part only (no disk cache, so runs do not share it).")
-    reference_cache_dir: str | None = _f(None, "Where precomputed reference log-probs are cached, keyed by reference "
+    reference_cache_dir: str | None = option(None, "Where precomputed reference log-probs are cached, keyed by reference "
                                          "weights, tokenizer, tokenized data and dtype (default: $PRLHF_CACHE/"
                                          "reference_logps, i.e. ~/.cache/prlhf/reference_logps); 'none' keeps them in "
                                          "memory only.")
-    response_logits_only: bool = _f(True, "Apply the LM head at response positions only; False computes logits and "
+    response_logits_only: bool = option(True, "Apply the LM head at response positions only; False computes logits and "
                                     "log-softmax at every position (as the authors' code does).")
-    disable_dropout: bool = _f(True, "Disable dropout in the policy and the reference (as TRL does), so that "
+    disable_dropout: bool = option(True, "Disable dropout in the policy and the reference (as TRL does), so that "
                                "log-probs, rewards and the loss are deterministic.")
-    log_per_user_max: int = _f(20, "Log per-user training accuracy when there are at most this many users.")
-    health_eval_pairs: int = _f(32, "Health signal: with no eval_file, hold out this many pairs of the training users "
+    log_per_user_max: int = option(20, "Log per-user training accuracy when there are at most this many users.")
+    health_eval_pairs: int = option(32, "Health signal: with no eval_file, hold out this many pairs of the training users "
                                 "(spread over the users) and evaluate them during training (eval_strategy 'steps' at "
                                 "eval_steps, default every quarter of the run): seen and generic-user accuracy and the "
                                 "user-swap flip rate, with a warning when the users are not separating. 0: off.")
-    users_file: str | None = _f(None, "users.json of the training data (user groups for the per-group flip rate of the "
+    users_file: str | None = option(None, "users.json of the training data (user groups for the per-group flip rate of the "
                                 "health signal); default: users.json beside train_file, when there is one.")
-    learning_rate: float | None = _f(None, f"Learning rate of the LLM (AdamW). Default: {LORA_LEARNING_RATE:g} with use_lora "
+    learning_rate: float | None = option(None, f"Learning rate of the LLM (AdamW). Default: {LORA_LEARNING_RATE:g} with use_lora "
                                      f"(measured on SmolLM2 DSP and TL;DR, LoRA r 16), {FULL_LEARNING_RATE:g} for full "
                                      "fine-tuning.")
-    lr_scheduler_type: str = _f("constant", "Learning-rate schedule (transformers' names). Default constant: measured "
+    lr_scheduler_type: str = option("constant", "Learning-rate schedule (transformers' names). Default constant: measured "
                                 "(SmolLM2 TL;DR, 100 steps), linear decay left the users unseparated (flip rate 0.07, "
                                 "P-DPO 0.125 below vanilla DPO) where a constant rate separated them (0.19, +0.17).")
 
@@ -299,13 +297,13 @@ class PRMConfig(PDPOConfig):
 
     reward_layouts: ClassVar[bool] = True  # after_response, where a reward head reads the user
 
-    center_rewards_coefficient: float = _f(0.0, "Centring penalty coefficient on (r_w + r_l)^2 per term, as TRL's "
+    center_rewards_coefficient: float = option(0.0, "Centring penalty coefficient on (r_w + r_l)^2 per term, as TRL's "
                                            "RewardTrainer (0: off).")
-    learning_rate: float | None = _f(None, f"Learning rate of the backbone and the reward head (AdamW). Default: "
+    learning_rate: float | None = option(None, f"Learning rate of the backbone and the reward head (AdamW). Default: "
                                      f"{LORA_LEARNING_RATE:g} with use_lora (the DSP P-RM recipe's, measured 0.829), "
                                      f"{PRM_FULL_LEARNING_RATE:g} for full fine-tuning.")
 
-    user_position: str = _f("after_response", "Where the user tokens sit: 'after_response' (the last token is the "
+    user_position: str = option("after_response", "Where the user tokens sit: 'after_response' (the last token is the "
                             "user's: the reward head reads the user's query over the whole response), 'prefix' (after "
                             "BOS: the paper's layout) or 'before_response'. Measured (SmolLM2 DSP P-RM): after_response "
                             "0.829 held-out accuracy, prefix 0.500 (the head on the response's last token never picked "
@@ -324,168 +322,3 @@ class PRMConfig(PDPOConfig):
         if self.center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
         super().__post_init__()
-
-
-def _flag(default, help: str, **kw):
-    """A field whose command-line flag is spelled with hyphens (``--max-new-tokens``) as well as
-    with underscores (``--max_new_tokens``, the YAML key)."""
-    return field(default=default, metadata={"help": help, **kw})
-
-
-def _hyphen_aliases(cls):
-    for f in fields(cls):
-        if "_" in f.name:
-            f.metadata = {**f.metadata, "aliases": [f"--{f.name.replace('_', '-')}"]}
-    return cls
-
-
-@dataclass
-class LoadingOptions:
-    """How saved models are loaded for evaluation and generation."""
-
-    dtype: str = _flag("float32", "float32 (default), bfloat16, float16 or auto (the checkpoint's own)")
-    attn_implementation: str | None = _flag(None, "sdpa, eager, flash_attention_2, ... (default: transformers' choice)")
-    device: str = _flag("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, mps, ...")
-    repetition_penalty: float | None = _flag(None, "transformers' repetition_penalty for generation (> 1 discourages "
-                                             "repeats; small models loop under greedy decoding)")
-    no_repeat_ngram_size: int | None = _flag(None, "never repeat an n-gram of this size in generations")
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.repetition_penalty is not None and not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"--repetition-penalty must be a finite number > 0, got {self.repetition_penalty}")
-        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 1:
-            raise ValueError(f"--no-repeat-ngram-size must be >= 1, got {self.no_repeat_ngram_size}")
-
-    def load_kwargs(self) -> dict:
-        return {"dtype": self.dtype, "attn_implementation": self.attn_implementation, "device": self.device}
-
-    def generation_kwargs(self) -> dict:
-        kw = {}
-        if self.repetition_penalty is not None:
-            kw["repetition_penalty"] = self.repetition_penalty
-        if self.no_repeat_ngram_size is not None:
-            kw["no_repeat_ngram_size"] = self.no_repeat_ngram_size
-        return kw
-
-
-@_hyphen_aliases
-@dataclass
-class EvalConfig(LoadingOptions):
-    """``prlhf eval``: implicit-reward accuracy (seen, generic, unseen, per user, with bootstrap CIs)
-    of one or several saved models, and optionally generations with their lengths, user-match rate
-    and user-swap flip rate."""
-
-    model: list[str] = _flag(None, "folder(s) written by `prlhf train` (repeat --model, or list several, to compare; "
-                             "the first is the baseline of the paired differences)")
-    data: list[str] = _flag(None, "preference pairs (JSONL) to score, e.g. test.jsonl unseen.jsonl")
-    output: str | None = _flag(None, "metrics.json to write")
-    reference: str | None = _flag(None, "pi_SFT (default: the one recorded at training time)")
-    users: str | None = _flag(None, "users.json of the data (groups for generation lengths)")
-    generate: int = _flag(0, "generate for N held-out prompts per user")
-    train_data: str | None = _flag(None, "training pairs whose chosen responses define each user's (or group's) TF-IDF "
-                                   "centroid for the user-match rate (default: train.jsonl beside --users)")
-    max_new_tokens: int = _flag(64, "new tokens per generation at most")
-    report: str | None = _flag(None, "folder for report.md, report.json, plots and generations.jsonl")
-    batch_size: int = _flag(8, "pairs (or prompts) per batch")
-    max_length: int = _flag(1024, "maximum prompt + response tokens per sequence")
-    max_prompt_length: int = _flag(512, "maximum prompt tokens")
-    per_pair: bool = _flag(False, "also write each pair's margin into metrics.json")
-    max_pairs_per_user: int | None = _flag(None, "score at most the first N pairs of each user")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.model:
-            raise ValueError("--model is required (a folder written by `prlhf train`)")
-        if not self.data:
-            raise ValueError("--data is required (preference pairs to score)")
-        for name in ("generate", "max_new_tokens", "batch_size", "max_length", "max_prompt_length"):
-            if getattr(self, name) < (0 if name == "generate" else 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-
-
-@_hyphen_aliases
-@dataclass
-class GenerateConfig(LoadingOptions):
-    """``prlhf generate``: personalized generation for one prompt or a JSONL file of prompts."""
-
-    model: str | None = _flag(None, "folder written by `prlhf train` (or a Hub repository owner/name), or any causal LM "
-                              "(served alike for every user)")
-    user: str | None = _flag(None, "user id (unknown or omitted: the generic user)")
-    user_text: str | None = _flag(None, "the user's text (explicit user model)")
-    prompt: str | None = _flag(None, "one prompt")
-    input: str | None = _flag(None, "JSONL of records with 'prompt' and 'user_id' (and optional 'user_text')")
-    output: str | None = _flag(None, "JSONL to write (batch mode)")
-    batch_size: int = _flag(8, "prompts per generate() call")
-    max_new_tokens: int = _flag(64, "new tokens per generation at most")
-    do_sample: bool = _flag(False, "sample instead of greedy decoding")
-    temperature: float = _flag(1.0, "sampling temperature")
-    top_p: float = _flag(1.0, "nucleus sampling")
-    seed: int = _flag(0, "random seed")
-    best_of: int = _flag(1, "personalized best-of-n: sample N responses per prompt and keep the one --reward-model "
-                         "scores highest for the prompt's user (sampling implied)")
-    reward_model: str | None = _flag(None, "reward model folder written by `prlhf rm train` (for --best-of)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.model:
-            raise ValueError("--model is required (a folder written by `prlhf train`, or any causal LM)")
-        if (self.prompt is None) == (self.input is None):
-            raise ValueError("give either --prompt or --input")
-        if self.best_of < 1:
-            raise ValueError(f"--best-of must be >= 1, got {self.best_of}")
-        if self.best_of > 1 and not self.reward_model:
-            raise ValueError("--best-of N needs --reward-model DIR (a folder written by `prlhf rm train`)")
-
-
-@_hyphen_aliases
-@dataclass
-class RMEvalConfig(LoadingOptions):
-    """``prlhf rm eval``: reward accuracy of saved reward models (``prlhf rm train``) on held-out
-    pairs, in the ``metrics.json`` shape of ``prlhf eval``; a policy folder among ``--model`` is
-    scored by its implicit reward, so P-RM and P-DPO accuracies sit side by side."""
-
-    model: list[str] = _flag(None, "reward model folder(s) written by `prlhf rm train`, or policy folders written by "
-                             "`prlhf train` (implicit reward); the first is the baseline of the paired differences")
-    data: list[str] = _flag(None, "preference pairs (JSONL) to score, e.g. test.jsonl unseen.jsonl")
-    output: str | None = _flag(None, "metrics.json to write")
-    report: str | None = _flag(None, "folder for report.md, report.json and the per-user plot")
-    users: str | None = _flag(None, "users.json of the data (user groups for the flip rate and the plot)")
-    reference: str | None = _flag(None, "pi_SFT of policy folders (default: the one recorded at training time)")
-    batch_size: int = _flag(16, "pairs per batch")
-    max_length: int = _flag(1024, "maximum prompt + response tokens per sequence")
-    max_prompt_length: int = _flag(512, "maximum prompt tokens")
-    per_pair: bool = _flag(False, "also write each pair's margin into metrics.json")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.model:
-            raise ValueError("--model is required (a folder written by `prlhf rm train`)")
-        if not self.data:
-            raise ValueError("--data is required (preference pairs to score)")
-        for name in ("batch_size", "max_length", "max_prompt_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-
-
-@_hyphen_aliases
-@dataclass
-class RMScoreConfig(LoadingOptions):
-    """``prlhf rm score``: the reward of each (prompt, response, user) row of a JSONL file."""
-
-    model: str | None = _flag(None, "reward model folder written by `prlhf rm train`")
-    input: str | None = _flag(None, "JSONL rows with 'prompt', 'response' and optional 'user_id', 'user_text'")
-    output: str | None = _flag(None, "JSONL to write: the input rows, each with 'reward' added")
-    batch_size: int = _flag(16, "rows per batch")
-    max_length: int = _flag(1024, "maximum prompt + response tokens per row")
-    max_prompt_length: int = _flag(512, "maximum prompt tokens")
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("model", "input", "output"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
-        for name in ("batch_size", "max_length", "max_prompt_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

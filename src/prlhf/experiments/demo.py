@@ -17,19 +17,19 @@ import logging
 import time
 from pathlib import Path
 
-from .config import PDPOConfig, PersonalizationConfig, PSFTConfig
-from .data import load_preference_data
-from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups
-from .modeling import PersonalizedLM
-from .models import load_model_and_tokenizer
-from .reference import reference_identity
-from .report import comparison_table, method_summary, write_report
-from .sources import synthesize, write_conversion
-from .trainers.callbacks import use_compact_progress
-from .trainers.pdpo import PDPOTrainer
-from .trainers.sft import PSFTTrainer
-from .user_match import build_matcher
-from .users import UserRegistry
+from ..config.training import PDPOConfig, PersonalizationConfig, PSFTConfig
+from ..data import load_preference_data
+from ..evaluation import evaluate_accuracy, evaluate_generation, load_user_groups
+from ..modeling import PersonalizedLM
+from ..models import load_model_and_tokenizer
+from ..reference import reference_identity
+from ..report import comparison_table, method_summary, write_report
+from ..sources import synthesize, write_conversion
+from ..trainers.callbacks import use_compact_progress
+from ..trainers.pdpo import PDPOTrainer
+from ..trainers.sft import PSFTTrainer
+from ..user_match import build_matcher
+from ..users import UserRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ ABLATIONS = {
 }
 
 
-def _common_args(seed: int) -> dict:
+def common_args(seed: int) -> dict:
     return dict(report_to="none", use_cpu=True, seed=seed, save_strategy="no", logging_steps=20, disable_tqdm=False,
                 max_length=128, max_prompt_length=32, per_device_train_batch_size=16, dataloader_num_workers=0)
 
@@ -83,7 +83,7 @@ def train_sft(output_dir: Path, data_dir: Path, seed: int, epochs: float) -> str
     """The demo's SFT step: tiny-llama on prompt -> chosen of ``data_dir/train.jsonl``; returns its folder."""
     sft = PSFTTrainer(args=PSFTConfig(model_name_or_path="tiny-llama", output_dir=str(output_dir),
                                       train_file=str(data_dir / "train.jsonl"), learning_rate=3e-3,
-                                      num_train_epochs=epochs, **_common_args(seed)))
+                                      num_train_epochs=epochs, **common_args(seed)))
     use_compact_progress(sft).train()
     return sft.save_final()
 
@@ -107,7 +107,7 @@ def run_cold_start(out: Path, data_dir: Path, text_dir: Path, reference, groups:
     """New users (the demo's unseen users) served three ways: few-shot adaptation of the trained
     individual and cluster models from k = 0..32 of their pairs (random and active choice), and,
     with no pairs at all, from a profile text (a model trained with every user's text)."""
-    from .adapt import training_objective
+    from ..adapt import training_objective
     from .cold_start import accuracy_by_group, learning_curves, pairs_to_match, split_new_users
 
     test = load_preference_data(data_dir / "test.jsonl")
@@ -140,7 +140,7 @@ def run_cold_start(out: Path, data_dir: Path, text_dir: Path, reference, groups:
     step("cold start, text only: P-DPO (individual) trained with every user's profile text; unseen users with and without text")
     args = PDPOConfig(model_name_or_path=str(out / "sft"), reference_model_name_or_path=str(out / "sft"),
                       output_dir=str(out / "pdpo_individual_text"), train_file=str(text_dir / "train.jsonl"),
-                      **{**_common_args(seed), **DEMO_TRAINING, **(train_overrides or {}), "user_model": "individual"})
+                      **{**common_args(seed), **DEMO_TRAINING, **(train_overrides or {}), "user_model": "individual"})
     trainer = PDPOTrainer(args=args, reference_model=reference)
     use_compact_progress(trainer).train()
     trainer.save_model()
@@ -222,7 +222,7 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
         step(f"train {name}")
         args = PDPOConfig(model_name_or_path=sft_dir, reference_model_name_or_path=sft_dir, output_dir=str(out / name),
                           train_file=str(data_dir / "train.jsonl"),
-                          **{**_common_args(seed), **DEMO_TRAINING, **train_overrides, **overrides})
+                          **{**common_args(seed), **DEMO_TRAINING, **train_overrides, **overrides})
         trainer = PDPOTrainer(args=args, reference_model=reference)
         use_compact_progress(trainer).train()
         trainer.save_model()
@@ -244,7 +244,7 @@ def run_demo(output: str | Path = "outputs/demo", seed: int = 0, ablations: bool
                  preamble=preamble)
     print("\n" + table)
     if cold_start:
-        from .cold_start import cold_start_table
+        from ..report import cold_start_table
 
         cs = report["cold_start"]
         print("\nNew users, held-out accuracy after adapting on k labelled pairs each (k = 0: the generic user):\n"

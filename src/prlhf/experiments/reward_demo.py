@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .best_of_n import rerank, sample_candidates
-from .config import PRMConfig
-from .data import load_preference_data
-from .demo import _common_args, majority_share, step_printer, train_sft, write_demo_data
-from .evaluation import group_of, held_out_prompts, load_user_groups
-from .modeling import PersonalizedLM
-from .report import comparison_table, method_summary, write_report
-from .reward_model import PersonalizedRewardModel, evaluate_reward_accuracy
-from .trainers.callbacks import use_compact_progress
-from .trainers.prm import PRMTrainer
+from ..best_of_n import rerank, sample_candidates
+from ..config.training import PRMConfig
+from ..data import load_preference_data
+from ..evaluation import group_of, held_out_prompts, load_user_groups
+from ..modeling import PersonalizedLM
+from ..report import comparison_table, method_summary, write_report
+from ..reward_model import PersonalizedRewardModel, evaluate_reward_accuracy
+from ..trainers.callbacks import use_compact_progress
+from ..trainers.prm import PRMTrainer
+from .demo import common_args, majority_share, step_printer, train_sft, write_demo_data
 
 # reward model name -> PRMConfig overrides
 REWARD_MODELS = {"rm_uniform": dict(user_model="uniform"), "prm_individual": dict(user_model="individual")}
@@ -76,7 +76,7 @@ def run_reward_demo(output: str | Path = "outputs/reward_demo", seed: int = 0, b
     for name, overrides in REWARD_MODELS.items():
         step(f"train {name}")
         args = PRMConfig(model_name_or_path=sft_dir, output_dir=str(out / name), train_file=str(data_dir / "train.jsonl"),
-                         **{**_common_args(seed), **REWARD_TRAINING, **train_overrides, **overrides})
+                         **{**common_args(seed), **REWARD_TRAINING, **train_overrides, **overrides})
         trainer = PRMTrainer(args=args)
         use_compact_progress(trainer).train()
         trainer.save_model()
@@ -130,18 +130,12 @@ def check_reward_findings(report: dict) -> dict[str, bool]:
     }
 
 
-def main_reward_demo(argv: list[str]) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="prlhf rm demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default="outputs/reward_demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--best-of", type=int, default=8)
-    a = p.parse_args(argv)
-    report = run_reward_demo(a.output, seed=a.seed, best_of=a.best_of)
+def main_reward_demo(output: str = "outputs/reward_demo", seed: int = 0, best_of: int = 8) -> int:
+    """``prlhf rm demo``: run it, print and write (``findings.json``) which findings hold."""
+    report = run_reward_demo(output, seed=seed, best_of=best_of)
     checks = check_reward_findings(report)
     print("\n| finding | holds |\n|---|---|")
     for k, v in checks.items():
         print(f"| {k} | {'yes' if v else 'NO'} |")
-    Path(a.output, "findings.json").write_text(json.dumps(checks, indent=1))
+    Path(output, "findings.json").write_text(json.dumps(checks, indent=1))
     return 0

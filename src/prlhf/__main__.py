@@ -1,0 +1,7 @@
+"""``python -m prlhf``: the ``prlhf`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
