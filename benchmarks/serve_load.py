@@ -44,9 +44,9 @@ def free_port() -> int:
 def tiny_model(folder: Path, n_users: int) -> Path:
     import torch
 
+    from prlhf.base_models import tiny_llama
     from prlhf.config import PersonalizationConfig
     from prlhf.modeling import PersonalizedLM
-    from prlhf.models import tiny_llama
     from prlhf.users import UserRegistry
 
     llm, tok = tiny_llama()

@@ -157,7 +157,7 @@ def _peak_rss_mb() -> float:
 
 def _build(name: str, model_name: str, records: list[dict], batch_size: int, max_length: int, workdir: str):
     """(trainer, batches(indices) -> batch, reference seconds per comparison)."""
-    from prlhf.models import load_model_and_tokenizer
+    from prlhf.base_models import load_model_and_tokenizer
 
     # gradient checkpointing pinned off in every system (a recomputation trade, not a method difference)
     common = dict(per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, learning_rate=1e-6,
@@ -337,7 +337,7 @@ def main(argv=None) -> dict:
                    help="users per prompt in the shared-prompt generation measurement (0: skip it)")
     a = p.parse_args(argv)
 
-    from prlhf.models import load_model_and_tokenizer
+    from prlhf.base_models import load_model_and_tokenizer
 
     _, tok = load_model_and_tokenizer(a.model)
     rounds = a.warmup + a.steps

@@ -39,9 +39,9 @@ def worker(kind: str, n_users: int, mode: str, a: dict, conn) -> None:
     try:
         import torch
 
+        from prlhf.base_models import tiny_llama
         from prlhf.config import PDPOConfig, PersonalizationConfig
         from prlhf.modeling import PersonalizedLM
-        from prlhf.models import tiny_llama
         from prlhf.sources.synthetic import synthesize
         from prlhf.trainers.pdpo import PDPOTrainer
         from prlhf.users import UserRegistry

@@ -9,10 +9,10 @@ import tempfile
 import pytest
 import torch
 
+from prlhf.base_models import tiny_llama
 from prlhf.config import PersonalizationConfig
 from prlhf.data import TokenizeSettings, load_preference_data, tokenize_dataset
 from prlhf.modeling import PersonalizedLM
-from prlhf.models import tiny_llama
 from prlhf.users import UserRegistry
 
 # reference log-probs cached by the tests stay out of the user's ~/.cache

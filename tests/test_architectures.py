@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from conftest import two_user_records
 
+from prlhf.base_models import tiny_tokenizer
 from prlhf.collate import PreferenceCollator
 from prlhf.config import PersonalizationConfig
 from prlhf.data import load_preference_data, tokenize_dataset, tokenize_response
 from prlhf.modeling import PersonalizedLM
-from prlhf.models import tiny_tokenizer
 from prlhf.scoring import verify_fast_paths
 from prlhf.users import UserRegistry
 

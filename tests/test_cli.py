@@ -1,6 +1,7 @@
 """The `prlhf` command: YAML + flag overrides, train -> eval -> generate on a saved model, clear errors."""
 
 import json
+from collections import Counter
 
 import pytest
 import yaml
@@ -114,7 +115,7 @@ def test_count_new_tokens_stops_at_eos_and_padding():
     assert count_new_tokens(ids, eos_id=2, pad_id=0) == 3 + 5 + 1
 
 
-def test_every_command_takes_a_config_file_and_flags_alike(tmp_path, capsys):
+def test_every_command_takes_a_config_file_and_flags_alike(tmp_path, capsys, monkeypatch):
     """eval and generate are thin shells over EvalConfig / GenerateConfig (YAML keys = field names,
     flags with hyphens or underscores, flags win); data commands read the same YAML style."""
     from prlhf.cli import _merge_repeated
@@ -142,11 +143,28 @@ def test_every_command_takes_a_config_file_and_flags_alike(tmp_path, capsys):
                                          "report_to": "none", "disable_tqdm": True, "use_cpu": True}))
     assert main(["train", "--config", str(train_cfg)]) == 0
     eval_cfg = tmp_path / "e.yaml"
-    eval_cfg.write_text(yaml.safe_dump({"model": [str(out)], "data": [str(tmp_path / "d" / "test.jsonl")],
+    eval_cfg.write_text(yaml.safe_dump({"model": [str(out)], "data": [str(tmp_path / "d" / "train.jsonl")],
                                         "output": str(tmp_path / "m.json"), "batch_size": 4}))
     assert main(["eval", "--config", str(eval_cfg), "--max-pairs-per-user", "2"]) == 0
     m = json.loads((tmp_path / "m.json").read_text())
-    assert 0 < m["n_pairs"] <= 2 * 3
+    per_user = Counter(json.loads(line)["user_id"] for line in (tmp_path / "d" / "train.jsonl").read_text().splitlines())
+    assert m["n_pairs"] == sum(min(n, 2) for n in per_user.values()) < sum(per_user.values())  # the first 2 of each user
     gen_cfg = tmp_path / "g.yaml"
     gen_cfg.write_text(yaml.safe_dump({"model": str(out), "prompt": "Q: hi\nA:", "max_new_tokens": 3}))
-    assert main(["generate", "--config", str(gen_cfg), "--no-repeat-ngram-size", "2"]) == 0
+    from prlhf.modeling import PersonalizedLM
+
+    produced = []
+    real = PersonalizedLM.generate_ids
+
+    def recording(self, batch, **kw):
+        ids = real(self, batch, **kw)
+        produced.append((kw, ids))
+        return ids
+
+    monkeypatch.setattr(PersonalizedLM, "generate_ids", recording)
+    gen_cfg.write_text(yaml.safe_dump({"model": str(out), "prompt": "Q: hi\nA:", "max_new_tokens": 24}))
+    assert main(["generate", "--config", str(gen_cfg), "--no-repeat-ngram-size", "1"]) == 0
+    kw, ids = produced[-1]
+    assert kw["no_repeat_ngram_size"] == 1 and kw["max_new_tokens"] == 24  # the flag wins over and adds to the YAML
+    tokens = [t for t in ids[0].tolist() if t != PersonalizedLM.from_pretrained(out).tokenizer.pad_token_id]
+    assert len(tokens) == len(set(tokens))  # no token (1-gram) generated twice

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from prlhf.base_models import tiny_llama
 from prlhf.collate import PreferenceCollator
 from prlhf.data import DataError, TokenizeSettings, load_preference_data, tokenize_dataset, tokenize_response
-from prlhf.models import tiny_llama
 from prlhf.users import UserRegistry
 
 GOOD = {"user_id": "u1", "prompt": "Hi", "chosen": " hello", "rejected": " go away"}

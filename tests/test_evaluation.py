@@ -2,12 +2,13 @@
 
 import pytest
 
-from prlhf.evaluation import bootstrap_ci, group_of, held_out_prompts, per_user_mean, score
+from prlhf.evaluation import group_of, held_out_prompts
 from prlhf.report import comparison_table
+from prlhf.stats import bootstrap_ci, pair_score, per_user_mean
 
 
 def test_score_counts_ties_as_half():
-    assert [score(1e-9), score(-2.0), score(0.0)] == [1.0, 0.0, 0.5]
+    assert [pair_score(1e-9), pair_score(-2.0), pair_score(0.0)] == [1.0, 0.0, 0.5]
 
 
 def test_bootstrap_ci_hand_cases():
@@ -41,7 +42,7 @@ class _Model:
         self.registry = _Registry(ids)
 
 
-def test_grouping_of_users():
+def test_group_of_serves_unknown_and_untrained_users_as_unseen():
     model, groups = _Model(["a", "b"]), {"a": "majority", "b": "minority", "z": "majority"}
     assert group_of("a", model, groups) == "majority" and group_of("b", model, groups) == "minority"
     assert group_of("z", model, groups) == "unseen"  # not trained on: served by the generic user
@@ -89,7 +90,7 @@ def test_models_with_the_same_reference_share_its_scores():
 
 
 def test_paired_difference_by_hand():
-    from prlhf.evaluation import paired_difference
+    from prlhf.stats import paired_difference
 
     base = [{"index": i, "seen": True, "correct": c} for i, c in enumerate([1.0, 0.0, 0.0, 1.0])]
     base.append({"index": 9, "seen": False, "correct": 0.0})

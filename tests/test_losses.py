@@ -29,7 +29,7 @@ def test_sigmoid_matches_hand_computation():
     assert rr.tolist() == pytest.approx([-0.25, 0.5])  # beta * (pr - rr)
 
 
-def test_label_smoothing():
+def test_label_smoothing_matches_conservative_dpo_by_hand():
     beta, eps = 0.5, 0.1
     losses, _, _ = preference_loss(PC, PR, RC, RR, beta, label_smoothing=eps)
     expected = [-(1 - eps) * log_sigmoid(beta * d) - eps * log_sigmoid(-beta * d) for d in DELTA]
@@ -48,12 +48,12 @@ def test_hinge_matches_hand_computation():
     assert losses.tolist() == pytest.approx([max(0, 1 - 0.5), max(0, 1 + 1.0)])  # [0.5, 2.0]
 
 
-def test_unknown_loss_type():
+def test_unknown_loss_type_is_refused_by_name():
     with pytest.raises(ValueError, match="loss_type"):
         preference_loss(PC, PR, RC, RR, 0.1, loss_type="nope")
 
 
-def test_alpha_mixing():
+def test_personalized_loss_mixes_user_and_generic_terms_by_alpha_and_skips_unneeded_terms():
     user, generic = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])
     assert personalized_loss(user, generic, 0.5).tolist() == [2.0, 3.5]
     assert personalized_loss(user, generic, 0.25).tolist() == [0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * 5]

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import build_model, collate, plain_logps, plain_reference_logps, sequence_logps
 
+from prlhf.base_models import tiny_llama
 from prlhf.modeling import PersonalizedLM
-from prlhf.models import tiny_llama
 
 RECS = [
     {"user_id": "a", "prompt": "Tell me about dogs.", "chosen": " Dogs are loyal friends and good pets.", "rejected": " Dogs."},

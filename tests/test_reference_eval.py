@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import two_user_records
 
+from prlhf.base_models import load_model_and_tokenizer, tiny_llama
 from prlhf.collate import PreferenceCollator
 from prlhf.config import PDPOConfig
 from prlhf.modeling import PersonalizedLM
-from prlhf.models import load_model_and_tokenizer, tiny_llama
 from prlhf.reference import load_reference, reference_pair_logps
 from prlhf.trainers.base import disable_dropout
 from prlhf.trainers.pdpo import PDPOTrainer

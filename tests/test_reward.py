@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import build_model, collate, two_user_records
 
+from prlhf.base_models import tiny_llama
 from prlhf.config import PersonalizationConfig, PRMConfig
 from prlhf.losses import bradley_terry_loss, prm_loss
 from prlhf.modeling import PersonalizedLM
-from prlhf.models import tiny_llama
 from prlhf.reward_model import PersonalizedRewardModel, evaluate_reward_accuracy, last_token_index
 from prlhf.trainers.base import latest_checkpoint
 from prlhf.trainers.prm import PRMTrainer

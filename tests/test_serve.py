@@ -62,7 +62,7 @@ def client(served):
     return openai.OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def test_models_and_health(served, client):
+def test_models_lists_the_served_name_and_health_counts_the_users(served, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     status, health = raw_request("GET", served[0] + "/health")
     assert status == 200 and health["status"] == "ok" and health["users"] == 2
@@ -240,6 +240,83 @@ def test_judge_arithmetic_on_hand_made_verdicts():
     assert verdict_from_response(text("Both are fine")) == (None, "none")
 
 
+class _RuleJudge:
+    """A judge client with a known rule: answers "A" or "B" for a filled template, no network."""
+
+    def __init__(self, rule):
+        self.rule, self.requests, self.seen = rule, 0, []
+
+    def ask(self, text: str) -> dict:
+        self.requests += 1
+        self.seen.append(text)
+        return {"choices": [{"message": {"content": self.rule(text)}}]}
+
+
+def _rule_generations(tmp_path):
+    gens = tmp_path / "generations.jsonl"
+    rows = []
+    for i, user in enumerate(["a", "a", "b", "c"]):
+        prompt = f"Q: question {i}\nA:"
+        rows.append({"method": "pdpo", "user_id": user, "prompt": prompt, "response": "Short."})
+        rows.append({"method": "dpo", "user_id": user, "prompt": prompt, "response": "A much longer answer with many words."})
+    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return gens
+
+
+def test_judge_win_rates_follow_a_known_judge(tmp_path):
+    """Pinned against judges whose verdicts are known in advance: one that prefers the shorter
+    response (A wins every pair, in both orders), one that always says "A" (position bias: every
+    pair a tie), one that prefers the longer (A loses every pair)."""
+    from prlhf.judge import judge
+
+    gens = _rule_generations(tmp_path)
+    template = tmp_path / "t.txt"
+    template.write_text("{prompt}\nFIRST<{response_a}>\nSECOND<{response_b}>")
+
+    def shorter(text):
+        first, second = text.split("FIRST<")[1].split(">")[0], text.split("SECOND<")[1].split(">")[0]
+        return "A" if len(first) < len(second) else "B"
+
+    for rule, expected in ((shorter, (4, 0, 0, 1.0)), (lambda t: "A", (0, 4, 0, 0.5)),
+                           (lambda t: "B" if shorter(t) == "A" else "A", (0, 0, 4, 0.0))):
+        client = _RuleJudge(rule)
+        r = judge(gens, "pdpo", "dpo", "http://unused", "rule", str(template), client=client)
+        assert (r["wins"], r["ties"], r["losses"], r["win_rate"]["per_sample"]) == expected
+        assert r["win_rate"]["per_user"] == expected[3] and r["requests"] == 8 == client.requests
+        assert sum("FIRST<Short.>" in t for t in client.seen) == 4  # each pair asked in both orders
+
+
+def test_judge_client_goes_through_openai_and_drops_logprobs_when_refused():
+    import importlib
+    import importlib.util
+
+    import openai
+
+    from prlhf.judge import JudgeClient
+
+    httpx = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")  # the openai client's own
+
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        if "logprobs" in body:
+            return httpx.Response(400, json={"error": {"message": "logprobs are not supported", "type": "invalid"}})
+        return httpx.Response(200, json={"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                         "choices": [{"index": 0, "finish_reason": "stop",
+                                                      "message": {"role": "assistant", "content": "B"}}]})
+
+    oa = openai.OpenAI(base_url="http://judge.test/v1", api_key="k", max_retries=0,
+                       http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    client = JudgeClient("http://judge.test/v1", "m", client=oa)
+    out = client.ask("which?")
+    assert out["choices"][0]["message"]["content"] == "B" and client.requests == 2
+    assert "logprobs" in bodies[0] and "logprobs" not in bodies[1] and bodies[1]["temperature"] == 0
+    client.ask("again")
+    assert len(bodies) == 3  # log-probs are not asked for again
+
+
 def test_judge_end_to_end_against_prlhf_serve(served, tmp_path, capsys):
     from prlhf.cli import main
 
@@ -260,7 +337,7 @@ def test_judge_end_to_end_against_prlhf_serve(served, tmp_path, capsys):
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 3 and result["unpaired"]["b_only"] == 1  # user c's generation has no partner
-    assert all(x["score"] == combine(x["a_first"], x["b_first"]) for x in result["samples"])
+    assert all(x["score"] in (0.0, 0.5, 1.0, None) for x in result["samples"])
     assert result["invalid"] == sum(x["score"] is None for x in result["samples"])
     assert set(result["win_rate"]) == {"per_sample", "per_user"} and result["requests"] == 6
     assert sum(result["verdicts_read_from"].values()) == 6  # every answer read or counted as unreadable

@@ -34,7 +34,7 @@ def split_ids(conv):
 # -- tldr --------------------------------------------------------------------------------------
 
 
-def test_tldr_human_labels(tmp_path):
+def test_tldr_human_labels_keep_the_workers_choice_and_the_top_k_workers_seen(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", tldr_rows())
     conv = convert_tldr(str(path), label="human", top_k=2, test_fraction=0.3, seed=1)
     check_common(conv)
@@ -179,7 +179,7 @@ def test_tldr_on_real_comparisons(tmp_path):
 # -- psoups ------------------------------------------------------------------------------------
 
 
-def test_psoups_rlphf_files(tmp_path):
+def test_psoups_rlphf_files_strip_the_preference_instruction_and_keep_unseen_users_out(tmp_path):
     folder = psoups_files(tmp_path / "ps")
     conv = convert_psoups(str(folder), unseen_users=("P2A",), test_fraction=0.3,
                           profiles_dir=str(SHARED / "psoups" / "profiles") if SHARED.is_dir() else None)
@@ -245,7 +245,7 @@ def test_prism_split_is_stable_and_users_do_not_straddle(tmp_path):
 # -- dsp ---------------------------------------------------------------------------------------
 
 
-def test_dsp_fixture(tmp_path):
+def test_dsp_rejected_answers_come_from_other_domains_and_duplicates_are_skipped(tmp_path):
     path = tmp_path / "dsp.json"
     path.write_text(json.dumps(dsp_rows()))
     conv = convert_dsp(str(path), rejected_per_query=2, unseen_users=("literature",), test_fraction=0.25)
@@ -272,7 +272,7 @@ def test_dsp_query_halves_are_disjoint(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED / "dsp" / "domain_preference_shared.json").is_file(), reason="../shared/data absent")
-def test_dsp_on_real_file():
+def test_dsp_real_file_converts_462_queries_of_four_domains():
     conv = convert_dsp(str(SHARED / "dsp" / "domain_preference_shared.json"), seed=0)
     check_common(conv)
     assert conv.read == 462 and set(conv.users) == {"academy", "business", "entertainment", "literature"}

@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import build_model, plain_logps, plain_reference_logps, two_user_records
 
+from prlhf.base_models import tiny_llama
 from prlhf.collate import PreferenceCollator
 from prlhf.config import PDPOConfig, PersonalizationConfig
 from prlhf.data import TokenizeSettings, load_preference_data, tokenize_dataset
 from prlhf.losses import personalized_loss, preference_loss
 from prlhf.modeling import PersonalizedLM
-from prlhf.models import tiny_llama
 from prlhf.reference import reference_pair_logps
 from prlhf.scoring import packed_attention
 from prlhf.trainers.pdpo import PDPOTrainer
@@ -256,20 +256,31 @@ def test_gradient_checkpointing_gives_the_same_gradients_on_packed_rows(tmp_path
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_training_with_gradient_checkpointing_runs(tmp_path, lora):
-    model = build_model(user_model="individual", n_tokens=2, users=("a", "b", "c"))
+def test_training_with_gradient_checkpointing_takes_the_same_steps(tmp_path, lora):
+    """Trainer's gradient_checkpointing=True (recomputed activations, LoRA's input grads) trains
+    the same model as without: the same losses at every step and the same weights after them."""
+    import copy
+
+    base = build_model(user_model="individual", n_tokens=2, users=("a", "b", "c"))
     kw = dict(use_lora=True, lora_r=4) if lora else {}
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model.llm = get_peft_model(model.llm, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
-        model.prlhf_config.use_lora = True
-    trainer = PDPOTrainer(model=model, args=_args(tmp_path, max_steps=2, logging_steps=1, gradient_checkpointing=True, **kw),
-                          train_dataset=RECS)
-    trainer.train()
-    assert model.is_gradient_checkpointing
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+        base.llm = get_peft_model(base.llm, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
+        base.prlhf_config.use_lora = True
+    runs = {}
+    for ckpt in (False, True):
+        model = copy.deepcopy(base)
+        trainer = PDPOTrainer(model=model, args=_args(tmp_path / str(ckpt), max_steps=3, logging_steps=1,
+                                                      gradient_checkpointing=ckpt, train_sampling_strategy="sequential",
+                                                      **kw), train_dataset=RECS)
+        trainer.train()
+        assert model.is_gradient_checkpointing == ckpt
+        runs[ckpt] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                      {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert len(runs[True][0]) == 3 and runs[True][0] == pytest.approx(runs[False][0], abs=1e-5)
+    for n, p in runs[False][1].items():
+        assert rel(runs[True][1][n], p) <= 1e-4, n
 
 
 def test_lazy_reference_trains_as_the_precomputed_one_and_scores_only_visited_pairs(tmp_path):

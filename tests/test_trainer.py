@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import two_user_records
 
+from prlhf.base_models import tiny_llama
 from prlhf.config import PDPOConfig, PersonalizationConfig, PSFTConfig
 from prlhf.evaluation import evaluate_accuracy
 from prlhf.modeling import PersonalizedLM
-from prlhf.models import tiny_llama
 from prlhf.trainers.base import latest_checkpoint
 from prlhf.trainers.pdpo import PDPOTrainer
 from prlhf.trainers.sft import PSFTTrainer
@@ -157,7 +157,7 @@ def test_sft_lowers_nll_of_chosen(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.8 * losses[0]
     out = trainer.save_final()
-    from prlhf.models import load_model_and_tokenizer
+    from prlhf.base_models import load_model_and_tokenizer
 
     llm, _ = load_model_and_tokenizer(out)  # a plain model folder, usable as model_name_or_path
     assert sum(p.numel() for p in llm.parameters()) == sum(p.numel() for p in tiny_llama()[0].parameters())

@@ -9,12 +9,12 @@ pytest.importorskip("trl")
 
 from conftest import two_user_records  # noqa: E402
 
+from prlhf.base_models import tiny_llama  # noqa: E402
 from prlhf.config import (
     PDPOConfig,  # noqa: E402
     PersonalizationConfig,
 )
 from prlhf.modeling import PersonalizedLM  # noqa: E402
-from prlhf.models import tiny_llama  # noqa: E402
 from prlhf.trainers.pdpo import PDPOTrainer  # noqa: E402
 from prlhf.users import UserRegistry  # noqa: E402
 

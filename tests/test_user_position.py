@@ -8,11 +8,11 @@ import torch
 from conftest import sequence_logps, two_user_records
 from test_speed_paths import RECS, rel
 
+from prlhf.base_models import tiny_llama
 from prlhf.config import PDPOConfig, PersonalizationConfig
 from prlhf.data import load_preference_data, tokenize_dataset
 from prlhf.layout import build_sequence
 from prlhf.modeling import PersonalizedLM
-from prlhf.models import tiny_llama
 from prlhf.reference import reference_pair_logps
 from prlhf.scoring import packed_attention
 from prlhf.trainers.pdpo import PDPOTrainer
@@ -31,7 +31,7 @@ def examples(model, records=RECS):
                             model.registry)
 
 
-def test_sequence_layouts():
+def test_build_sequence_places_user_tokens_after_bos_or_before_the_response():
     ids, labels, implicit, user = build_sequence([1, 10, 11], [20, 21], [30], 2, 1, 0, "before_response")
     assert ids == [1, 10, 11, 0, 0, 30, 20, 21] and labels == [-100] * 6 + [20, 21]
     assert implicit == [False] * 3 + [True, True] + [False] * 3 and user == [False] * 3 + [True] * 3 + [False] * 2

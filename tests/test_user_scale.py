@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import two_user_records
 
+from prlhf.base_models import tiny_llama
 from prlhf.config import PDPOConfig, PersonalizationConfig
 from prlhf.modeling import PersonalizedLM
-from prlhf.models import tiny_llama
 from prlhf.optim import CombinedOptimizer, clip_grad_norm_
 from prlhf.trainers.pdpo import PDPOTrainer
 from prlhf.user_models import build_user_model, gather_rows

@@ -20,7 +20,7 @@ _EXPORTS = {
     "preference_loss": "losses",
     "PersonalizationConfig": "config",
     "PersonalizedLM": "modeling",
-    "load_model_and_tokenizer": "models",
+    "load_model_and_tokenizer": "base_models",
     "PDPOTrainer": "trainers.pdpo",
     "PSFTTrainer": "trainers.sft",
     "UserRegistry": "users",

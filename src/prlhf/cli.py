@@ -58,10 +58,6 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
     return ([flag, *values] if values else []) + rest
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
 def _check_outputs(*paths_and_flags) -> None:
     from .storage import check_output_path
 
@@ -319,13 +315,10 @@ def cmd_serve(argv: list[str]) -> int:
     return 0
 
 
-def _ci_text(ci) -> str:
-    return "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
 def cmd_judge(argv: list[str]) -> int:
     from .config.commands import JudgeConfig
     from .judge import api_key_from_env, judge, load_template
+    from .report import fmt_interval, fmt_number
     from .storage import atomic_write_text
 
     a = parse_config(JudgeConfig, argv, prog="prlhf judge")
@@ -341,8 +334,8 @@ def cmd_judge(argv: list[str]) -> int:
     print(f"| {a.a} vs {a.b} | pairs | invalid | wins / ties / losses | win rate per sample | per user |")
     print("|---|---|---|---|---|---|")
     print(f"| judge {a.model} ({a.template}) | {result['n']} | {result['invalid']} | {result['wins']} / {result['ties']} / "
-          f"{result['losses']} | {_fmt(w['per_sample'])}{_ci_text(ci['per_sample'])} | {_fmt(w['per_user'])}"
-          f"{_ci_text(ci['per_user'])} |")
+          f"{result['losses']} | {fmt_number(w['per_sample'])}{fmt_interval(ci['per_sample'])} | {fmt_number(w['per_user'])}"
+          f"{fmt_interval(ci['per_user'])} |")
     print(f"\n{result['requests']} requests, {result['cached_judgments']} judgments from the cache; wrote {a.output}")
     return 0
 

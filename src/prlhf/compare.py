@@ -15,14 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .behaviour import build_matcher, load_match_groups, user_match_rate
 from .data import cap_pairs_per_user, load_preference_data
-from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups, paired_difference
+from .evaluation import evaluate_accuracy, evaluate_generation, load_user_groups
 from .modeling import PersonalizedLM
 from .reference import load_reference, reference_identity
-from .report import comparison_table, method_summary, write_report
+from .report import comparison_table, fmt_number, method_summary, write_report
 from .reward_model import HEAD_NAME, PersonalizedRewardModel, evaluate_reward_accuracy
+from .stats import paired_difference
 from .storage import atomic_write_text, check_output_path
-from .user_match import build_matcher, load_match_groups, user_match_rate
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +87,11 @@ def compare_models(paths: list[str], score: Callable[[str], Scored], groups: dic
     return out
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
 def per_user_table(per_user: dict[str, dict]) -> str:
     """A markdown table: one row per user, one column per model."""
     users = sorted({u for v in per_user.values() for u in v})
     lines = ["| user | " + " | ".join(per_user) + " |", "|---|" + "---|" * len(per_user)]
-    lines += [f"| {uid} | " + " | ".join(_fmt(v.get(uid)) for v in per_user.values()) + " |" for uid in users]
+    lines += [f"| {uid} | " + " | ".join(fmt_number(v.get(uid)) for v in per_user.values()) + " |" for uid in users]
     return "\n".join(lines)
 
 

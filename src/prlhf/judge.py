@@ -16,7 +16,8 @@ file of your own with the placeholders ``{prompt}``, ``{response_a}``, ``{respon
   with bootstrap intervals.
 * Judgments are cached on disk (one JSON line each, keyed by a hash of template, judge model,
   prompt and the two responses in order), so a rerun or an interrupted run does not pay twice.
-* Requests run with bounded concurrency and retry with backoff on 429, 5xx and connection errors.
+* Requests go through the ``openai`` client, with bounded concurrency; the client retries with
+  backoff on 408, 409, 429, 5xx and connection errors.
 """
 
 from __future__ import annotations
@@ -27,20 +28,16 @@ import logging
 import os
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
 from .data import DataError, read_records
-from .evaluation import bootstrap_ci
+from .stats import bootstrap_ci
 
 logger = logging.getLogger(__name__)
 
 TEMPLATES = ("generic", "psoups", "prism")
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
 def load_template(name_or_path: str) -> str:
@@ -117,43 +114,45 @@ def verdict_from_response(data: dict) -> tuple[str | None, str]:
 
 
 class JudgeClient:
-    """POST /chat/completions on an OpenAI-compatible endpoint, with retries and backoff."""
+    """Chat completions on an OpenAI-compatible endpoint through the ``openai`` client, whose
+    retries (with exponential backoff on 408, 409, 429, 5xx and connection errors) and timeout are
+    the ones used; an endpoint that refuses ``logprobs`` is asked again without them."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, max_retries: int = 5,
-                 timeout: float = 120.0, backoff: float = 0.5, max_tokens: int = 4, top_logprobs: int = 20):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
-        self.max_retries, self.timeout, self.backoff = max_retries, timeout, backoff
-        self.max_tokens, self.top_logprobs = max_tokens, top_logprobs
+                 timeout: float = 120.0, max_tokens: int = 4, top_logprobs: int = 20, client=None):
+        if client is None:
+            try:
+                import openai
+            except ImportError:
+                raise ImportError("prlhf judge needs the openai client: pip install 'prlhf[judge]' "
+                                  "(or pip install openai)") from None
+            # the client refuses to start without a key; a local endpoint may need none
+            client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=max_retries,
+                                   timeout=timeout)
+        self.client, self.url, self.model = client, base_url, model
+        self.max_tokens, self.top_logprobs, self.logprobs = max_tokens, top_logprobs, True
         self.requests = 0
         self._lock = threading.Lock()
 
     def ask(self, text: str) -> dict:
-        body = {"model": self.model, "messages": [{"role": "user", "content": text}], "temperature": 0,
-                "max_tokens": self.max_tokens, "logprobs": True, "top_logprobs": self.top_logprobs}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        for attempt in range(self.max_retries + 1):
-            with self._lock:
-                self.requests += 1
-            req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(r.read())
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode(errors="replace")[:300]
-                if err.code == 400 and "logprobs" in detail and "logprobs" in body:  # endpoints without log-probs
-                    body.pop("logprobs", None)
-                    body.pop("top_logprobs", None)
-                    continue
-                if err.code not in RETRY_STATUS or attempt == self.max_retries:
-                    raise RuntimeError(f"judge endpoint {self.url}: HTTP {err.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                if attempt == self.max_retries:
-                    raise RuntimeError(f"judge endpoint {self.url}: {err}") from None
-            time.sleep(self.backoff * 2 ** attempt)
-        raise RuntimeError(f"judge endpoint {self.url}: no answer after {self.max_retries} retries")
+        """The chat completion (as a dict) of one judging prompt, at temperature 0."""
+        import openai
+
+        kwargs = {"model": self.model, "messages": [{"role": "user", "content": text}], "temperature": 0,
+                  "max_tokens": self.max_tokens}
+        if self.logprobs:
+            kwargs.update(logprobs=True, top_logprobs=self.top_logprobs)
+        with self._lock:
+            self.requests += 1
+        try:
+            return self.client.chat.completions.create(**kwargs).model_dump()
+        except openai.BadRequestError as err:
+            if self.logprobs and "logprobs" in str(err):  # endpoints without log-probs: the text verdict
+                self.logprobs = False
+                return self.ask(text)
+            raise RuntimeError(f"judge endpoint {self.url}: {err}") from None
+        except openai.OpenAIError as err:
+            raise RuntimeError(f"judge endpoint {self.url}: {err}") from None
 
 
 class JudgmentCache:

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .base_models import load_model_and_tokenizer, resolve_device
 from .collate import PreferenceCollator, collate_sequences
 from .config.training import PersonalizationConfig
 from .data import TokenizeSettings, tokenize_prompt, with_user_id
 from .layout import build_sequence
-from .models import load_model_and_tokenizer, resolve_device
 from .persistence import CONFIG_NAME, load_personalized, load_weights_into, push_personalized, save_personalized
 from .scoring import cache_kwarg, position_ids_from_mask, score_targets, sum_per_sequence
 from .user_models import ImplicitUserModel, build_user_model, encode_user_text

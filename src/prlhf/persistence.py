@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .base_models import load_model_and_tokenizer, resolve_device
 from .card import model_card
 from .config.training import PersonalizationConfig
 from .guards import check_finite
-from .models import load_model_and_tokenizer, resolve_device
 from .storage import MANIFEST_NAME, MODEL_SUFFIXES, IntegrityError, read_manifest, recover_folder, save_folder, verify_manifest
 from .user_models import ClusterUserModel, IndividualUserModel, build_user_model
 from .users import UserRegistry

@@ -40,8 +40,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .base_models import cache_dir, load_model_and_tokenizer, portable_path
 from .guards import NonFiniteError
-from .models import cache_dir, load_model_and_tokenizer, portable_path
 from .scoring import score_targets, sum_per_sequence
 from .storage import atomic_write_with
 

@@ -15,7 +15,7 @@ def method_summary(metrics: dict, pairs: list[dict], generation: dict | None = N
     ``metrics`` and ``pairs``, the user-swap flip rate (overall and per group), and, when
     ``generation`` (from ``evaluate_generation``) is given, words per group and the user-match
     rate of the generations (``matcher``: a ``NearestCentroidMatcher``)."""
-    from .user_match import flip_rate, user_match_rate
+    from .behaviour import flip_rate, user_match_rate
 
     acc = metrics["accuracy"]
     flips = flip_rate(pairs, groups)
@@ -51,11 +51,12 @@ def accuracy_by_group(pairs: list[dict], groups: dict[str, str] | None = None) -
     return {g: sum(v) / len(v) for g, v in sorted(by_group.items())}
 
 
-def _f(x, digits=3) -> str:
+def fmt_number(x, digits=3) -> str:
+    """A number as the tables print it ('-' for none)."""
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def _ci(ci) -> str:
+def fmt_interval(ci) -> str:
     return "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
@@ -72,15 +73,15 @@ def comparison_table(methods: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         acc, ci = m.get("accuracy", {}), m.get("accuracy_ci", {})
-        cells = [name] + [_f(acc.get(k)) + _ci(ci.get(k)) for k in ACCURACY_KEYS]
-        cells += [_f(m.get("length", {}).get(g), 1) for g in groups]
+        cells = [name] + [fmt_number(acc.get(k)) + fmt_interval(ci.get(k)) for k in ACCURACY_KEYS]
+        cells += [fmt_number(m.get("length", {}).get(g), 1) for g in groups]
         if flips:
-            cells.append(_f(m.get("flip_rate")))
+            cells.append(fmt_number(m.get("flip_rate")))
         if match:
-            cells.append(_f(m.get("user_match")) + _ci(m.get("user_match_ci")))
+            cells.append(fmt_number(m.get("user_match")) + fmt_interval(m.get("user_match_ci")))
         if diff:
             d = (m.get("accuracy_difference") or {}).get("seen")
-            cells.append("-" if not d else f"{d['mean']:+.3f}" + _ci(d["ci"]))
+            cells.append("-" if not d else f"{d['mean']:+.3f}" + fmt_interval(d["ci"]))
         lines.append("| " + " | ".join(cells) + " |")
     pairwise = differences_table(methods)
     return "\n".join(lines) + ("\n\n" + pairwise if pairwise else "")
@@ -94,7 +95,7 @@ def differences_table(methods: dict[str, dict]) -> str:
         return ""
     lines = ["| method | minus | seen (paired) | unseen (paired) |", "|---|---|---|---|"]
     for name, other, d in rows:
-        cells = ["-" if not d.get(g) else f"{d[g]['mean']:+.3f}" + _ci(d[g]["ci"]) for g in ("seen", "unseen")]
+        cells = ["-" if not d.get(g) else f"{d[g]['mean']:+.3f}" + fmt_interval(d[g]["ci"]) for g in ("seen", "unseen")]
         lines.append(f"| {name} | {other} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -175,8 +176,8 @@ def write_report(out_dir: str | Path, report: dict, generations: dict[str, list[
         md += ["## New users (cold start)", "",
                "Held-out accuracy of users absent from training after adapting only their own parameters on k of "
                "their labelled pairs (k = 0: the generic user), pairs chosen at random or by active questions.", "",
-               cold_start_table(cs), "", f"Seen users: {_f(cs.get('seen_accuracy'))}. Text only (no pairs, a profile "
-               f"text): {_f(cs.get('text_only_accuracy'))}; the same users without text: {_f(cs.get('no_text_accuracy'))}.",
+               cold_start_table(cs), "", f"Seen users: {fmt_number(cs.get('seen_accuracy'))}. Text only (no pairs, a profile "
+               f"text): {fmt_number(cs.get('text_only_accuracy'))}; the same users without text: {fmt_number(cs.get('no_text_accuracy'))}.",
                "", "![cold start](cold_start.png)", ""]
     paths["md"].write_text("\n".join(md))
     return paths

@@ -21,8 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .report import _ci, differences_table
-from .report import _f as _num
+from .report import differences_table, fmt_interval, fmt_number
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "prlhf")
 
@@ -107,11 +106,11 @@ def report_table(report: dict) -> str:
     for name, m in methods.items():
         acc, ci = m["accuracy"], m.get("accuracy_ci", {})
         diff = (m.get("accuracy_difference") or {}).get("seen")
-        cells = [name, _num(acc["seen"]) + _ci(ci.get("seen")), _num(acc["generic"]), _num(acc["unseen"]) + _ci(ci.get("unseen")),
-                 _num(m.get("flip_rate"))]
-        cells += [_num((m.get("flip_rate_by_group") or {}).get(g)) for g in groups]
-        cells += [_num((m.get("accuracy_by_group") or {}).get(g)) for g in groups]
-        cells.append("-" if not diff else f"{diff['mean']:+.3f}{_ci(diff.get('ci'))}")
+        cells = [name, fmt_number(acc["seen"]) + fmt_interval(ci.get("seen")), fmt_number(acc["generic"]), fmt_number(acc["unseen"]) + fmt_interval(ci.get("unseen")),
+                 fmt_number(m.get("flip_rate"))]
+        cells += [fmt_number((m.get("flip_rate_by_group") or {}).get(g)) for g in groups]
+        cells += [fmt_number((m.get("accuracy_by_group") or {}).get(g)) for g in groups]
+        cells.append("-" if not diff else f"{diff['mean']:+.3f}{fmt_interval(diff.get('ci'))}")
         rows.append("| " + " | ".join(cells) + " |")
     pairwise = differences_table(methods)  # three or more methods: each minus each earlier one
     return "\n".join(rows) + ("\n\n" + pairwise if pairwise else "")

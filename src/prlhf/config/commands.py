@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..models import DTYPES
+from ..base_models import DTYPES
 from .option import option
 
 

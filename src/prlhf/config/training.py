@@ -14,9 +14,9 @@ from typing import ClassVar
 
 from transformers import TrainingArguments
 
+from ..base_models import DTYPES, portable_path
 from ..layout import check_user_position
 from ..losses import LOSS_TYPES
-from ..models import DTYPES, portable_path
 from ..storage import check_output_path
 from ..user_models import CLUSTER_WEIGHTINGS, OFFSET_INITS, USER_INITS, USER_MODELS
 from .option import option

@@ -15,7 +15,8 @@ import json
 import random
 
 from ..adapt import adapt_users, suggest_pairs
-from ..evaluation import bootstrap_ci, evaluate_accuracy, evaluate_generation
+from ..evaluation import evaluate_accuracy, evaluate_generation
+from ..stats import bootstrap_ci
 
 DEFAULT_KS = (0, 1, 2, 4, 8, 16, 32)
 

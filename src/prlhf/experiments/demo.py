@@ -17,18 +17,18 @@ import logging
 import time
 from pathlib import Path
 
+from ..base_models import load_model_and_tokenizer
+from ..behaviour import build_matcher
 from ..config.training import PDPOConfig, PersonalizationConfig, PSFTConfig
 from ..data import load_preference_data
 from ..evaluation import evaluate_accuracy, evaluate_generation, load_user_groups
 from ..modeling import PersonalizedLM
-from ..models import load_model_and_tokenizer
 from ..reference import reference_identity
 from ..report import comparison_table, method_summary, write_report
 from ..sources import synthesize, write_conversion
 from ..trainers.callbacks import use_compact_progress
 from ..trainers.pdpo import PDPOTrainer
 from ..trainers.sft import PSFTTrainer
-from ..user_match import build_matcher
 from ..users import UserRegistry
 
 logger = logging.getLogger(__name__)

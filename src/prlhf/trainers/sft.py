@@ -8,11 +8,11 @@ from pathlib import Path
 import torch.nn.functional as F
 from transformers import Trainer
 
+from ..base_models import load_model_and_tokenizer
 from ..collate import SFTCollator
 from ..config.training import PSFTConfig
 from ..data import TokenizeSettings, load_preference_data, tokenize_dataset
 from ..guards import check_finite
-from ..models import load_model_and_tokenizer
 from ..scoring import position_ids_from_mask, score_targets
 from ..storage import save_folder
 from ..users import UserRegistry

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from prlhf.behaviour import NearestCentroidMatcher, build_matcher, flip_rate, load_match_groups, response_text, user_match_rate
 from prlhf.report import method_summary
-from prlhf.user_match import NearestCentroidMatcher, build_matcher, flip_rate, load_match_groups, response_text, user_match_rate
 
 COOKING = ["stir the soup and add salt", "bake the bread in the oven", "chop onions and fry them in butter"]
 SPORTS = ["the striker scored a goal", "the team won the match in overtime", "the goalkeeper saved a penalty"]
@@ -66,7 +66,7 @@ def test_response_text_of_messages():
     assert response_text("plain") == "plain"
 
 
-def test_flip_rate_by_hand():
+def test_flip_rate_counts_sign_changes_against_the_generic_user_by_hand():
     pairs = [{"user_id": "u1", "margin": 1.0, "generic_margin": -0.5},   # flips
              {"user_id": "u1", "margin": 2.0, "generic_margin": 0.1},    # same sign
              {"user_id": "u2", "margin": -1.0, "generic_margin": -3.0},  # same sign

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .evaluation import bootstrap_ci, read_users, score
+from .evaluation import read_users
+from .stats import bootstrap_ci, pair_score
 
 
 class NearestCentroidMatcher:
@@ -120,7 +121,7 @@ def flip_rate(pairs: list[dict], groups: dict[str, str] | None = None) -> dict:
     for p in pairs:
         if "generic_margin" not in p:
             continue
-        flip = float(score(p["margin"]) != score(p["generic_margin"]))
+        flip = float(pair_score(p["margin"]) != pair_score(p["generic_margin"]))
         flips.append(flip)
         by_group.setdefault(groups.get(p["user_id"], "seen"), []).append(flip)
     return {

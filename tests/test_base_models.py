@@ -6,8 +6,8 @@ import importlib.util
 import pytest
 import torch
 
-from prlhf import models
-from prlhf.models import load_model_and_tokenizer, tiny_llama
+from prlhf import base_models as models
+from prlhf.base_models import load_model_and_tokenizer, tiny_llama
 
 
 def test_tiny_llama_is_deterministic_and_offline(monkeypatch):
