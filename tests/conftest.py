@@ -98,3 +98,17 @@ def plain_reference_logps(model, batch, reference=None):
 @pytest.fixture
 def records():
     return two_user_records()
+
+
+# records of three users and the generic user, with a user text: the fast-path checks' data
+RECS = [
+    {"user_id": "a", "prompt": "Tell me about dogs.", "chosen": " Dogs are loyal friends and good pets.", "rejected": " Dogs."},
+    {"user_id": "b", "prompt": "What is money?", "chosen": " Money.", "rejected": " Money is a medium of exchange used to buy things.",
+     "user_text": "I like short answers"},
+    {"user_id": None, "prompt": "Hi", "chosen": " Hello there, how are you today?", "rejected": " Go away."},
+    {"user_id": "c", "prompt": "Name a river in a big country far away.", "chosen": " The Nile.", "rejected": " Some river."},
+]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()

@@ -5,8 +5,7 @@ log-probs and loss, and generation must continue the prompt after the user token
 
 import pytest
 import torch
-from conftest import sequence_logps, two_user_records
-from test_speed_paths import RECS, rel
+from conftest import RECS, rel, sequence_logps, two_user_records
 
 from prlhf.base_models import tiny_llama
 from prlhf.config import PDPOConfig, PersonalizationConfig

@@ -15,6 +15,24 @@ USER_POSITIONS = ("prefix", "before_response")
 REWARD_USER_POSITIONS = USER_POSITIONS + ("after_response",)
 
 
+def shares_prompt(user_position: str) -> bool:
+    """Whether the prompt comes before every user token, so that it is the same for every user
+    (one packed row can hold several user terms behind it; a prompt's KV cache serves all its users)."""
+    return user_position == "before_response"
+
+
+def terms_per_packed_row(user_position: str, packing: bool, both_terms: bool, alpha_sampling: bool) -> int:
+    """P-DPO's terms per packed row: 2 when the user and generic terms both run on one shared prompt
+    (packing, a shared prompt, both terms needed, not one term drawn per pair), else 1."""
+    return 2 if both_terms and packing and shares_prompt(user_position) and not alpha_sampling else 1
+
+
+def check_can_generate(user_position: str) -> None:
+    """Generation needs the user before the response: a reward model's layout reads it after."""
+    if user_position == "after_response":
+        raise ValueError("this model reads the user after the response (a reward model's layout): it cannot generate")
+
+
 def build_sequence(prompt_ids: list[int], response_ids: list[int], user_text_ids: list[int], n_user_tokens: int,
                    bos_id: int | None, slot_id: int, user_position: str = "prefix"
                    ) -> tuple[list[int], list[int], list[bool], list[bool]]:

@@ -34,7 +34,7 @@ from .base_models import load_model_and_tokenizer, resolve_device
 from .collate import PreferenceCollator, collate_sequences
 from .config.training import PersonalizationConfig
 from .data import TokenizeSettings, tokenize_prompt, with_user_id
-from .layout import build_sequence
+from .layout import build_sequence, check_can_generate, shares_prompt
 from .persistence import CONFIG_NAME, load_personalized, load_weights_into, push_personalized, save_personalized
 from .scoring import cache_kwarg, position_ids_from_mask, score_targets, sum_per_sequence
 from .user_models import ImplicitUserModel, build_user_model, encode_user_text
@@ -235,8 +235,7 @@ class PersonalizedLM(nn.Module):
         once for all its users (``prefill_prompts``). Positions follow the attention mask, so a row's
         logits are those of the plain layout."""
         tok, cfg = self.tokenizer, self.prlhf_config
-        if cfg.user_position == "after_response":
-            raise ValueError("this model reads the user after the response (a reward model's layout): it cannot generate")
+        check_can_generate(cfg.user_position)
         seqs = []
         for i, (prompt, uid) in enumerate(zip(prompts, user_ids)):
             text = user_texts[i] if user_texts is not None else None
@@ -246,7 +245,7 @@ class PersonalizedLM(nn.Module):
             prompt_ids = tokenize_prompt(tok, with_user_id(prompt, uid, cfg.user_id_prompt))
             seqs.append(build_sequence(prompt_ids, [], text_ids, self.n_implicit_tokens, tok.bos_token_id, tok.pad_token_id,
                                        cfg.user_position))
-        can = cfg.user_position == "before_response" and self.n_implicit_tokens > 0
+        can = shares_prompt(cfg.user_position) and self.n_implicit_tokens > 0
         if share_prompts and not can:
             raise ValueError("a prompt's KV cache can be shared across users only with user_position 'before_response' "
                              "and a user model with user tokens")

@@ -16,6 +16,7 @@ import torch
 from ..config.training import PDPOConfig
 from ..data import load_preference_data, tokenize_dataset
 from ..health import health_split
+from ..layout import terms_per_packed_row
 from ..losses import draw_user_terms, personalized_loss, preference_loss, sft_term
 from ..modeling import PersonalizedLM
 from ..reference import (
@@ -135,7 +136,7 @@ class PDPOTrainer(PreferenceTrainer):
         """Terms per packed row: 2 when both terms run on one prompt (``user_position:
         before_response`` with packing, without alpha_sampling), else 1."""
         both = all(self.terms_needed(pm, args))
-        return 2 if both and args.packing and args.user_position == "before_response" and not args.alpha_sampling else 1
+        return terms_per_packed_row(args.user_position, args.packing, both, args.alpha_sampling)
 
     def pair_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         return self.pdpo_loss(model, batch)

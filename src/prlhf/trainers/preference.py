@@ -181,7 +181,7 @@ class PreferenceTrainer(ResumableTrainer):
                 self.optimizer = CombinedOptimizer(self.optimizer, lazy)
         return super().create_optimizer(model)
 
-    # -- private Trainer methods overridden (checked against transformers 5.24; tests/test_trainer.py
+    # -- private Trainer methods overridden (checked against transformers 5.24; tests/test_trainers.py
     # test_private_trainer_methods_we_override_keep_their_signatures fails when they change) --------
 
     def _clip_grad_norm(self, model):

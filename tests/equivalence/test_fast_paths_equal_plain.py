@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_model, plain_logps, plain_reference_logps, two_user_records
+from conftest import RECS, build_model, plain_logps, plain_reference_logps, rel, two_user_records
 
 from prlhf.base_models import tiny_llama
 from prlhf.collate import PreferenceCollator
@@ -24,18 +24,6 @@ from prlhf.reference import reference_pair_logps
 from prlhf.scoring import packed_attention
 from prlhf.trainers.pdpo import PDPOTrainer
 from prlhf.users import UserRegistry
-
-RECS = [
-    {"user_id": "a", "prompt": "Tell me about dogs.", "chosen": " Dogs are loyal friends and good pets.", "rejected": " Dogs."},
-    {"user_id": "b", "prompt": "What is money?", "chosen": " Money.", "rejected": " Money is a medium of exchange used to buy things.",
-     "user_text": "I like short answers"},
-    {"user_id": None, "prompt": "Hi", "chosen": " Hello there, how are you today?", "rejected": " Go away."},
-    {"user_id": "c", "prompt": "Name a river in a big country far away.", "chosen": " The Nile.", "rejected": " Some river."},
-]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
 
 def examples_for(model, records=RECS, **settings):
