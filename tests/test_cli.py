@@ -168,3 +168,64 @@ def test_every_command_takes_a_config_file_and_flags_alike(tmp_path, capsys, mon
     assert kw["no_repeat_ngram_size"] == 1 and kw["max_new_tokens"] == 24  # the flag wins over and adds to the YAML
     tokens = [t for t in ids[0].tolist() if t != PersonalizedLM.from_pretrained(out).tokenizer.pad_token_id]
     assert len(tokens) == len(set(tokens))  # no token (1-gram) generated twice
+
+
+def test_each_command_reads_its_config_file_and_flags_win(tmp_path):
+    """adapt, users, serve, judge, demo and data parse ``--config FILE.yaml`` into their config
+    dataclass like train and eval do (YAML keys are field names, flags with hyphens win)."""
+    from prlhf.config import (
+        AdaptConfig,
+        DemoConfig,
+        DspConvertConfig,
+        JudgeConfig,
+        RewardDemoConfig,
+        ServeConfig,
+        SynthConfig,
+        TldrConvertConfig,
+        UsersConfig,
+    )
+
+    def cfg(cls, data, *flags):
+        path = tmp_path / f"{cls.__name__}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return parse_config(cls, ["--config", str(path), *flags])
+
+    a = cfg(AdaptConfig, {"model": "m", "data": "d.jsonl", "output": "o", "steps": 7}, "--learning-rate", "0.05")
+    assert (a.steps, a.learning_rate, a.strategy) == (7, 0.05, "active")
+    assert cfg(UsersConfig, {"action": "export", "model": "m", "user": "zoe"}).user == "zoe"
+    s = cfg(ServeConfig, {"model": "m", "port": 9001}, "--max-batch-size", "4")
+    assert (s.host, s.port, s.max_batch_size) == ("127.0.0.1", 9001, 4)
+    j = cfg(JudgeConfig, {"generations": "g", "a": "x", "b": "y", "base_url": "u", "model": "j", "output": "o.json"},
+            "--concurrency", "2")
+    assert (j.template, j.concurrency) == ("generic", 2)
+    assert cfg(DemoConfig, {"seed": 3}, "--ablations").ablations and cfg(RewardDemoConfig, {"best_of": 4}).best_of == 4
+    t = cfg(TldrConvertConfig, {"input": "i", "output": "o", "top_k": 0, "worker_half": 2}, "--label", "length")
+    assert t.converter_kwargs()["top_k"] is None and (t.label, t.worker_half) == ("length", 2)
+    assert cfg(DspConvertConfig, {"input": "i", "output": "o", "unseen_users": ["a", "b"]}).converter_kwargs()[
+        "unseen_users"] == ("a", "b")
+    assert cfg(DspConvertConfig, {"input": "i", "output": "o"}, "--unseen-users", "a,b").converter_kwargs()[
+        "unseen_users"] == ("a", "b")  # comma-separated, as before
+    assert cfg(SynthConfig, {"output": "o", "attributes": "length,tone"}).attributes == ["length", "tone"]
+    with pytest.raises(ValueError, match="needs --user ID"):
+        cfg(UsersConfig, {"action": "remove", "model": "m"})
+    with pytest.raises(ConfigError, match="unknown config key 'stepz' for AdaptConfig"):
+        cfg(AdaptConfig, {"model": "m", "stepz": 3})
+    with pytest.raises(ConfigError, match="nowhere.yaml: no such config file"):
+        parse_config(ServeConfig, ["--config", str(tmp_path / "nowhere.yaml")])
+
+
+def test_version_module_entry_point_and_usage_messages(capsys):
+    import subprocess
+    import sys
+
+    import prlhf
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"prlhf {prlhf.__version__}"
+    assert main(["rm", "--help"]) == 0 and "prlhf rm train --config FILE" in capsys.readouterr().out
+    assert main(["rm", "nosuch"]) == 2 and "unknown action 'nosuch'" in capsys.readouterr().err
+    assert main(["nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'nosuch'" in err and "train" in err and "prlhf --help" in err
+    assert main(["data"]) == 2 and "data convert {tldr,psoups,prism,dsp}" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "prlhf", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"prlhf {prlhf.__version__}"
