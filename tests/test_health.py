@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from conftest import two_user_records
 
-from prlhf.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE, PDPOConfig, PRMConfig
+from prlhf.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE, USER_LEARNING_RATE, PDPOConfig, PRMConfig
 from prlhf.data import hold_out_pairs
 from prlhf.trainers.pdpo import PDPOTrainer
 
@@ -38,13 +38,13 @@ def users_json(tmp_path, groups):
 
 def test_defaults_are_the_measured_settings_and_follow_use_lora(tmp_path):
     a = PDPOConfig(output_dir=str(tmp_path))
-    assert a.user_offset_init == "vocab" and a.user_learning_rate == 1e-2
+    assert a.user_offset_init == "vocab" and a.user_learning_rate == USER_LEARNING_RATE == 3e-2
     assert str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)) == "constant"
     assert a.learning_rate == FULL_LEARNING_RATE
     assert PDPOConfig(output_dir=str(tmp_path), use_lora=True).learning_rate == LORA_LEARNING_RATE == 5e-4
     assert PDPOConfig(output_dir=str(tmp_path), use_lora=True, learning_rate=1e-4).learning_rate == 1e-4  # given wins
     rm = PRMConfig(output_dir=str(tmp_path), use_lora=True)
-    assert rm.learning_rate == 5e-4 and rm.user_position == "after_response"
+    assert rm.learning_rate == 5e-4 and rm.user_position == "after_response" and rm.user_learning_rate == 1e-2
     # the health signal turns evaluation on (every quarter of the run) when there is no eval file ...
     assert str(a.eval_strategy.value) == "steps" and a.eval_steps == 0.25
     # ... but not for vanilla DPO, nor when switched off
@@ -60,7 +60,7 @@ def test_effective_settings_are_saved_with_the_model(tmp_path):
     trainer.train()
     trainer.save_model()
     saved = json.loads((tmp_path / "out" / "training_args.json").read_text())
-    assert saved["learning_rate"] == 5e-4 and saved["user_learning_rate"] == 1e-2
+    assert saved["learning_rate"] == 5e-4 and saved["user_learning_rate"] == 3e-2
     assert saved["user_offset_init"] == "vocab" and saved["lr_scheduler_type"] == "constant"
     card = (tmp_path / "out" / "README.md").read_text()
     for line in ("user_offset_init", "vocab", "lr_scheduler_type", "constant", "0.0005"):

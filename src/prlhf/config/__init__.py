@@ -16,7 +16,7 @@ _MODULES = {
     "data": ("CONVERT_CONFIGS", "ConvertConfig", "DspConvertConfig", "InspectConfig", "PrismConvertConfig",
              "PsoupsConvertConfig", "SynthConfig", "TldrConvertConfig"),
     "training": ("FULL_LEARNING_RATE", "HEALTH_EVAL_STEPS", "LAZY_ROWS_FROM", "LORA_LEARNING_RATE",
-                 "PRM_FULL_LEARNING_RATE", "USER_ROWS_UPDATES", "PDPOConfig", "PersonalizationConfig",
+                 "PRM_FULL_LEARNING_RATE", "PRM_USER_LEARNING_RATE", "USER_LEARNING_RATE", "USER_ROWS_UPDATES", "PDPOConfig", "PersonalizationConfig",
                  "PrlhfArguments", "PRMConfig", "PSFTConfig"),
     "parse": ("ConfigError", "parse_config", "read_yaml_config"),
     "option": ("option",),
