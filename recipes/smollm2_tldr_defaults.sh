@@ -7,7 +7,7 @@
 # lengths and the step count (60 steps of 8 pairs), once as P-DPO (the default user model, individual)
 # and once as vanilla DPO (user_model none); `prlhf eval` scores both on held-out pairs of the seen
 # users and on the unseen workers. Writes OUTPUT_DIR/report.json (+ report.md, metrics.json, plots).
-# About 23 minutes on 2 CPU cores (measured: docs/results.md).
+# About 25 minutes on 2 CPU cores (measured: docs/results.md).
 #
 # PRLHF_METHODS (default "dpo pdpo_individual"): the methods, in the report's order (the first is the
 # baseline of the paired differences). "dpo dpo_user_id pdpo_individual" adds the prompt baseline a
