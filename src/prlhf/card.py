@@ -21,8 +21,8 @@ def model_card(config, n_users: int, n_user_texts: int = 0, training: dict | Non
              "tags:", "- prlhf", "- p-rm" if reward else "- p-dpo", "- personalization"] + (["- lora"] if config.use_lora else []) + ["---", "",
              f"# Personalized {'reward model on ' if reward else ''}{base.rstrip('/').split('/')[-1]}", "",
              ("A personalized reward model (P-RM)" if reward else "A causal LM personalized with P-RLHF / P-DPO")
-             + " (Li et al., *Personalized Language Modeling from Personalized Human Feedback*, arXiv 2402.05133) by "
-             "[prlhf](https://pypi.org/project/prlhf/): a user model turns each user into a soft prompt prepended to "
+             + " (Li et al., *Personalized Language Modeling from Personalized Human Feedback*, "
+             "[arXiv 2402.05133](https://arxiv.org/abs/2402.05133)) by prlhf: a user model turns each user into a soft prompt prepended to "
              "the input embeddings" + ("; a scalar head on the last token's hidden state gives r(x, y, u)." if reward else "."),
              "",
              "| | |", "|---|---|",
