@@ -282,8 +282,11 @@ def check_findings(report: dict) -> dict[str, bool]:
 
 
 def main_demo(output: str, seed: int, ablations: bool) -> int:
-    report = run_demo(output, seed=seed, ablations=ablations)
-    checks = check_findings(report)
+    return report_findings(check_findings(run_demo(output, seed=seed, ablations=ablations)), output)
+
+
+def report_findings(checks: dict[str, bool], output: str) -> int:
+    """Print which findings hold, as a table, and write them to ``output/findings.json``."""
     print("\n| finding | holds |\n|---|---|")
     for k, v in checks.items():
         print(f"| {k} | {'yes' if v else 'NO'} |")

@@ -30,7 +30,7 @@ from ..report import comparison_table, method_summary, write_report
 from ..reward_model import PersonalizedRewardModel, evaluate_reward_accuracy
 from ..trainers.callbacks import use_compact_progress
 from ..trainers.prm import PRMTrainer
-from .demo import common_args, majority_share, step_printer, train_sft, write_demo_data
+from .demo import common_args, majority_share, report_findings, step_printer, train_sft, write_demo_data
 
 # reward model name -> PRMConfig overrides
 REWARD_MODELS = {"rm_uniform": dict(user_model="uniform"), "prm_individual": dict(user_model="individual")}
@@ -132,10 +132,4 @@ def check_reward_findings(report: dict) -> dict[str, bool]:
 
 def main_reward_demo(output: str = "outputs/reward_demo", seed: int = 0, best_of: int = 8) -> int:
     """``prlhf rm demo``: run it, print and write (``findings.json``) which findings hold."""
-    report = run_reward_demo(output, seed=seed, best_of=best_of)
-    checks = check_reward_findings(report)
-    print("\n| finding | holds |\n|---|---|")
-    for k, v in checks.items():
-        print(f"| {k} | {'yes' if v else 'NO'} |")
-    Path(output, "findings.json").write_text(json.dumps(checks, indent=1))
-    return 0
+    return report_findings(check_reward_findings(run_reward_demo(output, seed=seed, best_of=best_of)), output)

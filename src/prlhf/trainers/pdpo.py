@@ -14,8 +14,7 @@ import time
 import torch
 
 from ..config.training import PDPOConfig
-from ..data import load_preference_data, tokenize_dataset
-from ..health import health_split
+from ..data import tokenize_dataset
 from ..layout import terms_per_packed_row
 from ..losses import draw_user_terms, personalized_loss, preference_loss, sft_term
 from ..modeling import PersonalizedLM
@@ -28,8 +27,8 @@ from ..reference import (
     training_reference,
 )
 from ..users import GENERIC_ROW, UserRegistry
-from .base import check_fast_paths, disable_dropout, load_records
-from .preference import PreferenceTrainer
+from .base import check_fast_paths, disable_dropout
+from .preference import PreferenceTrainer, preference_records
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +48,7 @@ class PDPOTrainer(PreferenceTrainer):
     def __init__(self, model: PersonalizedLM | None = None, args: PDPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, reference_model: torch.nn.Module | None = None, processing_class=None, **kwargs):
         args = args or PDPOConfig()
-        train_records = load_records(train_dataset if train_dataset is not None else args.train_file, "train")
-        eval_source = eval_dataset if eval_dataset is not None else args.eval_file
-        eval_records = load_preference_data(eval_source) if eval_source is not None else None
-        train_records, eval_records, self.health_groups = health_split(args, train_records, eval_records)
+        train_records, eval_records, self.health_groups = preference_records(args, train_dataset, eval_dataset)
         if model is None:
             model = PersonalizedLM.build(
                 args.personalization_config(), UserRegistry.from_records(train_records),

@@ -12,12 +12,23 @@ import torch
 from transformers import Trainer
 
 from ..config.training import LAZY_ROWS_FROM, PDPOConfig
-from ..health import health_causes, health_findings
+from ..data import load_preference_data
+from ..health import health_causes, health_findings, health_split
 from ..optim import CombinedOptimizer, LazyAdam, clip_grad_norm_
 from ..users import GENERIC_ROW, UserRegistry
-from .base import ResumableTrainer
+from .base import ResumableTrainer, load_records
 
 logger = logging.getLogger(__name__)
+
+
+def preference_records(args, train_dataset=None, eval_dataset=None) -> tuple[list[dict], list[dict] | None, dict]:
+    """The pairwise trainers' records: train and eval (the given data sets, else ``train_file`` /
+    ``eval_file``), with the health slice held out of training when there is no eval data
+    (``health_split``): (train records, eval records, user groups)."""
+    train_records = load_records(train_dataset if train_dataset is not None else args.train_file, "train")
+    eval_source = eval_dataset if eval_dataset is not None else args.eval_file
+    eval_records = load_preference_data(eval_source) if eval_source is not None else None
+    return health_split(args, train_records, eval_records)
 
 
 class PreferenceTrainer(ResumableTrainer):

@@ -7,13 +7,12 @@ from __future__ import annotations
 import torch
 
 from ..config.training import PRMConfig
-from ..data import load_preference_data, tokenize_dataset
-from ..health import health_split
+from ..data import tokenize_dataset
 from ..losses import draw_user_terms, prm_loss
 from ..reward_model import PersonalizedRewardModel, build_reward_model
 from ..users import GENERIC_ROW, UserRegistry
-from .base import disable_dropout, load_records
-from .preference import PreferenceTrainer
+from .base import disable_dropout
+from .preference import PreferenceTrainer, preference_records
 
 
 class PRMTrainer(PreferenceTrainer):
@@ -26,10 +25,7 @@ class PRMTrainer(PreferenceTrainer):
     def __init__(self, model: PersonalizedRewardModel | None = None, args: PRMConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, **kwargs):
         args = args or PRMConfig()
-        train_records = load_records(train_dataset if train_dataset is not None else args.train_file, "train")
-        eval_source = eval_dataset if eval_dataset is not None else args.eval_file
-        eval_records = load_preference_data(eval_source) if eval_source is not None else None
-        train_records, eval_records, self.health_groups = health_split(args, train_records, eval_records)
+        train_records, eval_records, self.health_groups = preference_records(args, train_dataset, eval_dataset)
         if model is None:
             model = build_reward_model(args, UserRegistry.from_records(train_records))
         tok = processing_class or model.tokenizer
