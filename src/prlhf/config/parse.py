@@ -68,8 +68,11 @@ def parse_config(cls, argv: list[str], ignore: set[str] = frozenset(), prog: str
                 raise ConfigError(f"{path}: unknown config key '{key}' for {cls.__name__}")
             flags += _to_flags(key, value)
     parser = HfArgumentParser(cls, prog=prog, description=(cls.__doc__ or "").strip())
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="read these keys from a YAML file (its keys are the flags, with underscores); flags given "
+                             "on the command line win")
     try:
-        (cfg,) = parser.parse_args_into_dataclasses(args=flags + rest)
+        (cfg, _) = parser.parse_args_into_dataclasses(args=flags + rest)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return cfg

@@ -141,7 +141,10 @@ def load_hub_dataset(name: str, config: str | None, split: str):
     """A hub data set through ``datasets`` (only when the hub is reachable)."""
     try:
         from datasets import load_dataset
-
+    except ImportError:
+        raise DataError(f"{name}: not a local file; loading it from the Hugging Face hub needs the `datasets` package "
+                        "(pip install 'prlhf[hub]'). Offline, pass a local file.") from None
+    try:
         return [dict(r) for r in load_dataset(name, config, split=split)]
     except Exception as err:  # noqa: BLE001
         raise DataError(f"{name}: not a local file, and loading it from the Hugging Face hub failed "
