@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from prlhf.runs import benchmark_record  # noqa: E402
 from prlhf.storage import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     print(f"| {a.model}{' LoRA' if a.lora else ''} | {a.k} | {a.steps} | {result['seconds_per_user']['together']:.2f} | "
           f"{result['seconds_per_user']['one_at_a_time']:.2f} | {result['reference_seconds_per_user']:.2f} |")
     if a.json:
-        atomic_write_text(a.json, json.dumps(result, indent=1))
+        atomic_write_text(a.json, json.dumps({**result, "run": benchmark_record()}, indent=1))
         print(f"wrote {a.json}")
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from prlhf.runs import benchmark_record  # noqa: E402
 from prlhf.storage import atomic_write_text
 
 
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
             "runtime_seconds": time.time() - start}
     print("\n" + cold_start_table(cold))
     out = Path(a.json)
-    atomic_write_text(out, json.dumps(cold, indent=1))
+    atomic_write_text(out, json.dumps({**cold, "run": benchmark_record()}, indent=1))
     plot_cold_start(cold, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} ({cold['runtime_seconds']:.0f} s)")
     return 0

@@ -17,6 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from prlhf.runs import benchmark_record  # noqa: E402
 from prlhf.storage import atomic_write_text
 
 
@@ -53,7 +54,7 @@ def main(argv=None) -> dict:
         held = sum(out[layout]["findings"].values())
         print(f"{layout}: {held}/{len(out[layout]['findings'])} findings hold; "
               f"{out[layout]['runtime_seconds']:.0f} s")
-    atomic_write_text(a.json, json.dumps(out, indent=1))
+    atomic_write_text(a.json, json.dumps({**out, "run": benchmark_record()}, indent=1))
     print(f"wrote {a.json}")
     return out
 

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from prlhf.runs import documented_commands
+from prlhf.runs import benchmark_record, documented_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -184,7 +184,7 @@ def main() -> int:
     if a.json:
         from prlhf.storage import atomic_write_text
 
-        atomic_write_text(a.json, json.dumps(report, indent=1))
+        atomic_write_text(a.json, json.dumps({**report, "run": benchmark_record()}, indent=1))
         print(f"wrote {a.json}")
     print(f"{sum(r['returncode'] == 0 for r in results)}/{len(results)} recipes ran")
     return 0 if report["all_ran"] else 1

@@ -32,6 +32,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from prlhf.runs import benchmark_record  # noqa: E402
 from prlhf.storage import atomic_write_text
 
 
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
               f"{ph['tokens_per_second']:.1f} | {ph['latency_p50']:.3f} | {ph['latency_p95']:.3f} |")
     print(f"\nthroughput with {a.clients} clients: {result['speedup']:.2f}x one at a time")
     if a.json:
-        atomic_write_text(a.json, json.dumps(result, indent=1))
+        atomic_write_text(a.json, json.dumps({**result, "run": benchmark_record()}, indent=1))
         print(f"wrote {a.json}")
     return 0 if sequential["errors"] == 0 and concurrent["errors"] == 0 else 1
 

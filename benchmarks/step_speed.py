@@ -53,6 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from prlhf.runs import benchmark_record  # noqa: E402
 from prlhf.storage import atomic_write_text
 
 DEFAULT_SYSTEMS = ["trl_dpo", "trl_dpo_precompute", "pdpo_no_user", "pdpo_alpha_0.5", "pdpo_alpha_0.5_before_response",
@@ -447,7 +448,7 @@ def main(argv=None) -> dict:
                   f"shared {sp['shared_seconds']:.2f}s, plain {sp['plain_seconds']:.2f}s "
                   f"({sp['plain_seconds'] / sp['shared_seconds']:.2f}x), same text: {sp['same_text']}")
     result["table"] = "\n".join(lines)
-    atomic_write_text(a.json, json.dumps(result, indent=1))
+    atomic_write_text(a.json, json.dumps({**result, "run": benchmark_record()}, indent=1))
     print(f"wrote {a.json}")
     return result
 

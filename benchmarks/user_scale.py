@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 
+from prlhf.runs import benchmark_record  # noqa: E402
 from prlhf.storage import atomic_write_text
 
 SIZES = {"individual": [10, 1_000, 100_000], "cluster": [10, 1_000, 100_000, 1_000_000]}
@@ -148,7 +149,7 @@ def main(argv=None) -> dict:
     print("\n" + result["table"])
     for kind, r in result["ratio_largest_to_smallest"].items():
         print(f"{kind}: step time at {a.sizes[kind][-1]:,d} users / at {a.sizes[kind][0]:,d}: {r:.2f}x")
-    atomic_write_text(a.json, json.dumps(result, indent=1))
+    atomic_write_text(a.json, json.dumps({**result, "run": benchmark_record()}, indent=1))
     print(f"wrote {a.json}")
     return result
 

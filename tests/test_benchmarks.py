@@ -19,6 +19,7 @@ def test_step_speed_writes_the_json_contract(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert "date" in result["run"] and "torch" in result["run"]
     systems = {"trl_dpo", "trl_dpo_precompute", "pdpo_no_user", "pdpo_alpha_0.5", "pdpo_alpha_0.5_before_response",
                "pdpo_alpha_1", "official_scheme"}
     assert set(result["seconds_per_comparison"]) == systems and set(result["peak_rss_mb"]) == systems
@@ -27,6 +28,10 @@ def test_step_speed_writes_the_json_contract(tmp_path):
     assert all(isinstance(v, float) for v in result["tokens"].values())
     assert set(result["tokens"]) == {"prompt", "response"} and result["tokens"]["prompt"] > 0
     assert result["generation"]["batched_tokens_per_second"] > 0
+    run = result["run"]  # the run.json block: what reproducing the numbers needs
+    assert run["command"].startswith("python ") and "--model tiny-llama" in run["command"]
+    assert {"commit", "date", "machine", "python", "torch", "transformers", "peft", "accelerate", "trl"} <= set(run)
+    assert run["torch"] and run["machine"]["cores"]
     shared = result["generation"]["shared_prompt"]  # one prompt's KV cache shared by its users' rows
     assert shared["same_text"] and shared["shared_seconds"] > 0 and shared["users_per_prompt"] == 8
     # the reference pass is timed for the systems that precompute it, and only for them
@@ -54,6 +59,7 @@ def test_step_speed_sft_and_lazy_reference_systems(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert "date" in result["run"] and "torch" in result["run"]
     assert set(result["seconds_per_comparison"]) == set(systems)
     loss = result["losses"]
     assert loss["sft"] == pytest.approx(loss["sft_full_logits"], abs=1e-5) and loss["sft"][0] > 1.0  # token NLL
@@ -69,6 +75,7 @@ def test_adapt_speed_writes_the_json_contract(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert "date" in result["run"] and "torch" in result["run"]
     assert set(result["seconds_per_user"]) == {"together", "one_at_a_time"}
     assert all(v > 0 for v in result["seconds_per_user"].values()) and result["reference_seconds_per_user"] > 0
     assert result["k"] == 4 and result["new_users"] == 2 and result["tokens"]["prompt"] > 0
@@ -84,6 +91,7 @@ def test_serve_load_runs_bounded_on_loopback(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
+    assert "date" in result["run"] and "torch" in result["run"]
     for phase in ("sequential", "concurrent"):
         ph = result[phase]
         assert ph["requests"] == 8 and ph["errors"] == 0 and ph["not_sent"] == 0

@@ -79,6 +79,16 @@ def run_record(command: str, date: str | None = None, note: str | None = None, *
     return rec
 
 
+def benchmark_record(argv: list[str] | None = None, **extra) -> dict:
+    """The ``run.json`` block a benchmark writes into its JSON (key ``run``): this process's command
+    line, commit, date, machine and versions."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    return run_record("python " + " ".join(shlex.quote(a) for a in argv), **extra)
+
+
 def documented_commands(path) -> list[list[str]]:
     """The `prlhf sft` / `prlhf train` command lines of a YAML recipe's comment header."""
     import re
@@ -100,6 +110,8 @@ def report_table(report: dict) -> str:
     to the first method on seen pairs."""
     methods = report["methods"]
     groups = sorted({g for m in methods.values() for g in (m.get("flip_rate_by_group") or {})})
+    if groups == ["all"]:  # no groups in users.json: the one "all" group repeats the overall columns
+        groups = []
     head = ["method", "acc seen", "acc generic", "acc unseen", "flip rate"]
     head += [f"flip {g}" for g in groups] + [f"acc {g}" for g in groups] + ["seen - first (paired)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
