@@ -60,3 +60,24 @@ def test_table_of_a_report_is_the_runs_table_command(capsys):
     main(["table", str(ROOT / "docs/runs/tldr_defaults_half2_ulr3e-2/report.json")])
     printed = capsys.readouterr().out
     assert dt.render("report tldr_defaults_half2_ulr3e-2").strip() in printed
+
+
+RUN_KEYS = ("command", "commit", "date", "machine", "python", "torch", "transformers", "peft", "accelerate", "trl")
+
+
+def test_every_run_file_says_how_it_was_made():
+    """docs/runs/<run>/run.json and the `run` block of every docs/benchmarks/*.json: the command,
+    the commit, the date, the machine and the library versions (keys named after the packages)."""
+    runs = sorted((ROOT / "docs/runs").glob("*/run.json"))
+    assert len(runs) >= 30
+    for p in runs:
+        info = json.loads(p.read_text())
+        missing = [k for k in RUN_KEYS if k not in info]
+        assert not missing, f"{p.relative_to(ROOT)}: no {missing}"
+        assert info["command"] and re.match(r"\d{4}-\d{2}-\d{2}$", info["date"]), p
+        assert {"cpu", "cores", "gpu"} <= set(info["machine"]), p
+    for p in sorted((ROOT / "docs/benchmarks").glob("*.json")):
+        run = json.loads(p.read_text()).get("run")
+        assert run, f"{p.relative_to(ROOT)}: no run block"
+        missing = [k for k in RUN_KEYS if k not in run]
+        assert not missing, f"{p.relative_to(ROOT)}: run block without {missing}"
