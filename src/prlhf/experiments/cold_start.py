@@ -43,16 +43,25 @@ def accuracy_by_group(pairs: list[dict], groups: dict[str, str] | None) -> dict[
     return {g: sum(v) / len(v) for g, v in sorted(hits.items())}
 
 
+def ordered_pools(pools: dict[str, list[dict]], seed: int) -> dict[str, list[dict]]:
+    """Each user's pool in the random choice's fixed order (its first k pairs are the k-pair sample)."""
+    out = {}
+    for uid, pool in sorted(pools.items()):
+        order = list(range(len(pool)))
+        random.Random(f"{seed}-{uid}").shuffle(order)
+        out[uid] = [pool[i] for i in order]
+    return out
+
+
 def _orders(model, pools: dict[str, list[dict]], reference, strategies, seed: int, score_kwargs: dict) -> dict:
     orders = {}
     for strategy in strategies:
+        if strategy == "random":
+            orders[strategy] = ordered_pools(pools, seed)
+            continue
         orders[strategy] = {}
         for uid, pool in sorted(pools.items()):
-            if strategy == "random":
-                order = list(range(len(pool)))
-                random.Random(f"{seed}-{uid}").shuffle(order)
-            else:
-                order = suggest_pairs(model, pool, len(pool), reference, "active", seed=seed, **score_kwargs)
+            order = suggest_pairs(model, pool, len(pool), reference, "active", seed=seed, **score_kwargs)
             orders[strategy][uid] = [pool[i] for i in order]
     return orders
 
@@ -66,7 +75,7 @@ def learning_curves(model, pools: dict[str, list[dict]], held_out: list[dict], r
     """Held-out accuracy of the new users after adapting on k of their pairs, per strategy.
 
     Returns ``{"curves": {strategy: {str(k): accuracy}}, "ci": {...}, "by_group": {strategy: {str(k):
-    {group: acc}}}, "pairs_used": {...}, "seconds": {...}, "words": {group: mean words}}`` (words:
+    {group: acc}}}, "hits": {strategy: {str(k): per-pair correctness in held_out's order}}, "pairs_used": {...}, "seconds": {...}, "words": {group: mean words}}`` (words:
     greedy generations for the new users after the random choice's k = ``generate_at``).
     ``model`` is changed in place: the new users are added to it."""
     eval_kwargs = dict(eval_kwargs or {})
@@ -74,29 +83,30 @@ def learning_curves(model, pools: dict[str, list[dict]], held_out: list[dict], r
     orders = _orders(model, pools, reference, strategies, seed, score_kwargs)
     eval_cache: dict = {}
     adapt_cache: dict = {}
-    out = {"curves": {}, "ci": {}, "by_group": {}, "pairs_used": {}, "seconds": {}, "n_users": len(pools),
+    out = {"curves": {}, "ci": {}, "by_group": {}, "hits": {}, "pairs_used": {}, "seconds": {}, "n_users": len(pools),
            "n_held_out": len(held_out), "steps": steps}
 
-    def score() -> tuple[float, list[float], dict]:
+    def score() -> tuple[float, list[float], dict, list[float]]:
         acc = evaluate_accuracy(model, held_out, reference, ref_cache=eval_cache, **eval_kwargs)
-        hits = [p["correct"] for p in acc["pairs"]]
-        return acc["accuracy"]["overall"], bootstrap_ci(hits), accuracy_by_group(acc["pairs"], groups)
+        by_index = {p["index"]: p["correct"] for p in acc["pairs"]}
+        hits = [by_index[i] for i in range(len(held_out))]  # in held_out's order: paired across k and models
+        return acc["accuracy"]["overall"], bootstrap_ci(hits), accuracy_by_group(acc["pairs"], groups), hits
 
     generic = None
     for strategy in strategies:
-        curve, cis, by_group, used, seconds = {}, {}, {}, {}, {}
+        curve, cis, by_group, hits, used, seconds = {}, {}, {}, {}, {}, {}
         for k in ks:
             if k == 0:  # the generic user: evaluated before any new user exists in the model
                 if generic is None:
                     generic = score()
-                curve["0"], cis["0"], by_group["0"] = generic
+                curve["0"], cis["0"], by_group["0"], hits["0"] = generic
                 used["0"], seconds["0"] = 0, 0.0
                 continue
             records = [r for uid in sorted(orders[strategy]) for r in orders[strategy][uid][:k]]
             result = adapt_users(model, records, reference, steps=steps, learning_rate=learning_rate,
                                  batch_size=batch_size, reset=True, seed=seed, objective=objective, ref_cache=adapt_cache,
                                  max_length=eval_kwargs.get("max_length"), max_prompt_length=eval_kwargs.get("max_prompt_length"))
-            curve[str(k)], cis[str(k)], by_group[str(k)] = score()
+            curve[str(k)], cis[str(k)], by_group[str(k)], hits[str(k)] = score()
             used[str(k)], seconds[str(k)] = len(records), result.seconds
             if progress:
                 progress(strategy, k, curve[str(k)])
@@ -106,6 +116,7 @@ def learning_curves(model, pools: dict[str, list[dict]], held_out: list[dict], r
                 out["words"] = gen["length"]
                 out["words_at"] = k
         out["curves"][strategy], out["ci"][strategy], out["by_group"][strategy] = curve, cis, by_group
+        out["hits"][strategy] = hits
         out["pairs_used"][strategy], out["seconds"][strategy] = used, seconds
     return out
 
