@@ -165,6 +165,24 @@ def test_smollm2_dsp_defaults_recipe_runs_on_a_tiny_file(tmp_path):
     assert json.loads((tmp_path / "out" / "data" / "users.json").read_text())["options"]["query_half"] == 2
 
 
+def test_smollm2_dsp_new_user_recipe_runs_on_a_tiny_file(tmp_path):
+    """The new-user recipe: one domain kept out, its curve over k, the fully trained user and the prompt
+    baseline on the same held-out pairs, in OUTPUT_DIR/report.json."""
+    src = tmp_path / "dsp.json"
+    src.write_text(json.dumps(dsp_rows() * 6))
+    report = run_shell_recipe("smollm2_dsp_new_user.sh", src, tmp_path / "out", SHELL_FAST, PRLHF_ADAPT_STEPS="1",
+                              PRLHF_NEW_USER="business", PRLHF_QUERY_HALF="all")
+    nu = report["new_user"]
+    assert nu["users"] == ["business"] and nu["held_out_pairs"] > 0
+    assert set(nu["accuracy_by_k"]) == {"0", "2", "4", "8", "16", "32"} == set(report["baseline"]["accuracy_by_k"])
+    assert 0.0 <= nu["fully_trained_accuracy"] <= 1.0 and set(nu["gap_closed"]) == {"2", "4", "8", "16", "32"}
+    assert report["runtime_seconds"] > 0 and (tmp_path / "out" / "report.md").is_file()
+    # the fully trained model saw the new user's pool pairs, the other one did not
+    users = json.loads((tmp_path / "out" / "pdpo_all_users" / "users.json").read_text())
+    assert "business" in json.dumps(users)
+    assert "business" not in json.dumps(json.loads((tmp_path / "out" / "pdpo_without_new_user" / "users.json").read_text()))
+
+
 def test_defaults_recipes_set_no_personalization_setting():
     """A newcomer's run gives `prlhf train` only the model, data, output folder, use_lora, lengths and steps."""
     allowed = {"--model_name_or_path", "--train_file", "--output_dir", "--user_model", "--use_lora", "--max_length",
