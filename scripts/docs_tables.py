@@ -289,6 +289,15 @@ def t_readme_real(*runs: str) -> str:
                "P-DPO - DPO (paired)", "flip rate", "run file"], rows)
 
 
+def t_new_user(run: str) -> str:
+    """``recipes/smollm2_dsp_new_user.sh``: the new user's held-out accuracy by k (adapted, random and
+    active; the prompt baseline given the same pairs) and the share of the gap to the fully trained
+    user closed, with paired intervals."""
+    from prlhf.experiments.new_user import report_table as new_user_table
+
+    return new_user_table(run_report(run))
+
+
 STEP_LABELS = {
     "trl_dpo_precompute": "trl_dpo_precompute (TRL at its best: `precompute_ref_log_probs`)",
     "pdpo_no_user": "pdpo_no_user (prlhf, `user_model none`: vanilla DPO)",

@@ -118,8 +118,11 @@ def run(model_dir: str, full_dir: str, baseline_dir: str | None, new_users: str,
         raise ValueError(f"{new_users}: no held-out pairs on the prompts of {held_out_prompts}, or no pairs left to adapt on")
     eval_kwargs = {"max_length": max_length or objective.get("max_length", 1024),
                    "max_prompt_length": max_prompt_length or objective.get("max_prompt_length", 512), "batch_size": 16}
+    # the active choice scores the pool at the same lengths as everything else (not the 1024-token default)
+    score_kwargs = {"max_length": eval_kwargs["max_length"], "max_prompt_length": eval_kwargs["max_prompt_length"]}
     curves = learning_curves(model, pools, held_out, reference, ks=ks, strategies=strategies, steps=steps,
-                             batch_size=batch_size, seed=seed, objective=objective, eval_kwargs=eval_kwargs, progress=progress)
+                             batch_size=batch_size, seed=seed, objective=objective, eval_kwargs=eval_kwargs,
+                             score_kwargs=score_kwargs, progress=progress)
 
     full = PersonalizedLM.from_pretrained(full_dir)
     missing = sorted(u for u in pools if u not in full.registry)
@@ -177,9 +180,10 @@ def report_table(report: dict) -> str:
             cell((nu.get("accuracy_by_k_active") or {}).get(k)),
             cell((base.get("accuracy_by_k") or {}).get(k), (base.get("ci_by_k") or {}).get(k)),
             gap((base.get("gap_closed") or {}).get(k))]) + " |")
-    rows.append(f"\nfully trained user: {cell(nu['fully_trained_accuracy'], nu.get('fully_trained_ci'))}; "
-                f"generic user (k = 0): {nu['generic_accuracy']:.3f}; {nu['held_out_pairs']} held-out pairs of "
-                f"{', '.join(nu['users'])}")
+    rows += ["", "| the new user's held-out pairs | accuracy |", "|---|---|",
+             f"| generic user (k = 0) | {cell(nu['generic_accuracy'], (nu.get('ci_by_k') or {}).get('0'))} |",
+             f"| fully trained (its pool pairs in training) | {cell(nu['fully_trained_accuracy'], nu.get('fully_trained_ci'))} |",
+             f"| pairs held out / in the pool | {nu['held_out_pairs']} / {sum(nu['pool_pairs'].values())} ({', '.join(nu['users'])}) |"]
     return "\n".join(rows)
 
 
