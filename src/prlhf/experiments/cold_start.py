@@ -43,6 +43,13 @@ def accuracy_by_group(pairs: list[dict], groups: dict[str, str] | None) -> dict[
     return {g: sum(v) / len(v) for g, v in sorted(hits.items())}
 
 
+def hits_in_order(acc: dict, n: int) -> list[float]:
+    """Per-pair correctness of ``evaluate_accuracy``'s result in the scored records' order (pairs are
+    matched by record index), so that hits of several models or k line up pair by pair."""
+    by_index = {p["index"]: p["correct"] for p in acc["pairs"]}
+    return [by_index[i] for i in range(n)]
+
+
 def ordered_pools(pools: dict[str, list[dict]], seed: int) -> dict[str, list[dict]]:
     """Each user's pool in the random choice's fixed order (its first k pairs are the k-pair sample)."""
     out = {}
@@ -88,8 +95,7 @@ def learning_curves(model, pools: dict[str, list[dict]], held_out: list[dict], r
 
     def score() -> tuple[float, list[float], dict, list[float]]:
         acc = evaluate_accuracy(model, held_out, reference, ref_cache=eval_cache, **eval_kwargs)
-        by_index = {p["index"]: p["correct"] for p in acc["pairs"]}
-        hits = [by_index[i] for i in range(len(held_out))]  # in held_out's order: paired across k and models
+        hits = hits_in_order(acc, len(held_out))
         return acc["accuracy"]["overall"], bootstrap_ci(hits), accuracy_by_group(acc["pairs"], groups), hits
 
     generic = None

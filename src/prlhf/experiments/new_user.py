@@ -52,10 +52,6 @@ def gap_closed(hits_k: list[float], hits_0: list[float], hits_full: list[float],
     return {"mean": float((k.mean() - z.mean()) / gap), "ci": ci}
 
 
-def _hits(acc: dict) -> dict[int, float]:
-    return {p["index"]: p["correct"] for p in acc["pairs"]}
-
-
 def baseline_curve(baseline_dir: str, orders: dict[str, list[dict]], held_out: list[dict], ks, steps: int,
                    batch_size: int, eval_kwargs: dict, seed: int = 0, progress=None) -> dict:
     """The prompt baseline trained further on each k of the new users' pairs (the first k of each
@@ -65,6 +61,7 @@ def baseline_curve(baseline_dir: str, orders: dict[str, list[dict]], held_out: l
     from ..modeling import PersonalizedLM
     from ..reference import load_reference
     from ..trainers.pdpo import PDPOTrainer
+    from .cold_start import hits_in_order
 
     out = {"accuracy_by_k": {}, "ci_by_k": {}, "hits": {}, "seconds": {}}
     saved = json.loads((Path(baseline_dir) / "training_args.json").read_text())
@@ -85,8 +82,7 @@ def baseline_curve(baseline_dir: str, orders: dict[str, list[dict]], held_out: l
                 PDPOTrainer(model=model, args=args, train_dataset=records).train()
         acc = evaluate_accuracy(model, held_out, load_reference(model), **eval_kwargs)
         out["accuracy_by_k"][str(k)] = acc["accuracy"]["overall"]
-        hits = _hits(acc)
-        out["hits"][str(k)] = [hits[i] for i in range(len(held_out))]
+        out["hits"][str(k)] = hits_in_order(acc, len(held_out))
         out["ci_by_k"][str(k)] = bootstrap_ci(out["hits"][str(k)])
         out["seconds"][str(k)] = time.time() - start
         if progress:
@@ -102,7 +98,7 @@ def run(model_dir: str, full_dir: str, baseline_dir: str | None, new_users: str,
     from ..evaluation import evaluate_accuracy
     from ..modeling import PersonalizedLM
     from ..reference import load_reference
-    from .cold_start import learning_curves, ordered_pools, split_new_users
+    from .cold_start import hits_in_order, learning_curves, ordered_pools, split_new_users
 
     start = time.time()
     model = PersonalizedLM.from_pretrained(model_dir)
@@ -129,7 +125,7 @@ def run(model_dir: str, full_dir: str, baseline_dir: str | None, new_users: str,
     if missing:
         raise ValueError(f"{full_dir}: the fully trained model does not know the new users {missing}")
     acc_full = evaluate_accuracy(full, held_out, load_reference(full), **eval_kwargs)
-    full_hits = [_hits(acc_full)[i] for i in range(len(held_out))]
+    full_hits = hits_in_order(acc_full, len(held_out))  # built once, not per pair
     del full
 
     rand = curves["hits"]["random"]
