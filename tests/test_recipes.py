@@ -116,6 +116,11 @@ def test_smollm2_tldr_recipe_runs_on_a_tiny_file(tmp_path):
     report = run_shell_recipe("smollm2_tldr_cpu.sh", src, tmp_path / "out", SHELL_FAST)
     check_contract(report, lengths=True)
     assert set(report["methods"]) == {"dpo", "dpo_user_id", "pdpo_individual"}
+    # three stages: pi_SFT first, and every method starts from it (its reference is pi_SFT)
+    assert (tmp_path / "out" / "sft" / "model.safetensors").is_file()
+    for method in report["methods"]:
+        cfg = json.loads((tmp_path / "out" / method / "prlhf_config.json").read_text())
+        assert Path(cfg["base_model_name_or_path"]).resolve() == (tmp_path / "out" / "sft").resolve(), method
 
 
 def test_smollm2_dsp_recipe_runs_on_a_tiny_file(tmp_path):
