@@ -298,6 +298,53 @@ def t_new_user(run: str) -> str:
     return new_user_table(run_report(run))
 
 
+def t_tldr_lengths(run: str) -> str:
+    """The TL;DR recipe's generations: words per user group and the minority / majority ratio for
+    each method (greedy summaries of held-out posts)."""
+    report = run_report(run)
+    rows = []
+    for name, m in report["methods"].items():
+        length = m.get("length") or {}
+        maj, mino = length.get("majority"), length.get("minority")
+        rows.append([name, words(m, "majority"), words(m, "minority"), words(m, "unseen"),
+                     f"{mino / maj:.2f}" if maj and mino is not None else None,
+                     fmt_number(m.get("user_match")) + fmt_interval(m.get("user_match_ci"))])
+    return md(["method", "words majority", "words minority", "words unseen", "minority / majority", "user match (long / short)"], rows)
+
+
+def t_tldr_targets(run: str, base: str = "dpo", method: str = "pdpo_individual") -> str:
+    """Issue 24's TL;DR targets, each measured on the run's held-out pairs and generations."""
+    report = run_report(run)
+    ms = report["methods"]
+    b, m = ms[base], ms[method]
+    lb, lm = b.get("length") or {}, m.get("length") or {}
+    ratio_m = lm["minority"] / lm["majority"] if lm.get("majority") else None
+    ratio_b = lb["minority"] / lb["majority"] if lb.get("majority") else None
+    unseen = lm["unseen"] / lb["unseen"] - 1 if lb.get("unseen") else None
+    d = m["accuracy_differences"][base]["seen"] if base in (m.get("accuracy_differences") or {}) else m["accuracy_difference"]["seen"]
+    rows = [
+        [f"{method} minority words <= 0.6x majority", f"{lm['minority']:.1f} / {lm['majority']:.1f} = {ratio_m:.2f}",
+         "yes" if ratio_m is not None and ratio_m <= 0.6 else "no"],
+        [f"{base} minority / majority words >= 0.85", f"{lb['minority']:.1f} / {lb['majority']:.1f} = {ratio_b:.2f}",
+         "yes" if ratio_b is not None and ratio_b >= 0.85 else "no"],
+        [f"{method} seen accuracy >= {base} + 0.10, paired interval above 0",
+         f"{m['accuracy']['seen']:.3f} vs {b['accuracy']['seen']:.3f}: {d['mean']:+.3f}{fmt_interval(d.get('ci'))}",
+         "yes" if d["mean"] >= 0.10 - 1e-9 and d["ci"] and d["ci"][0] > 0 else "no"],
+        [f"unseen users' words within 25% of {base}'s", f"{lm['unseen']:.1f} vs {lb['unseen']:.1f} ({unseen:+.0%})",
+         "yes" if unseen is not None and abs(unseen) <= 0.25 else "no"],
+        ["runtime <= 5,400 s", f"{report['runtime_seconds']:.0f} s", "yes" if report["runtime_seconds"] <= 5400 else "no"],
+    ]
+    return md(["target", "measured", "met"], rows)
+
+
+def t_policy_or_rm(run: str) -> str:
+    """``recipes/smollm2_dsp_policy_or_rm.sh``: P-DPO, the P-RM layouts and a vanilla RM on the same
+    pairs: accuracy per user, training seconds per pair, and the user match of the answers each gives."""
+    from prlhf.experiments.policy_or_rm import report_table as policy_or_rm_table
+
+    return policy_or_rm_table(run_report(run))
+
+
 STEP_LABELS = {
     "trl_dpo_precompute": "trl_dpo_precompute (TRL at its best: `precompute_ref_log_probs`)",
     "pdpo_no_user": "pdpo_no_user (prlhf, `user_model none`: vanilla DPO)",

@@ -4,7 +4,13 @@ on the same global batch (plain python). Writes the loss trajectory (rank 0) to 
 trained model folder to argv[1] + ".model".
 
 The trainer supplies the data, the precomputed reference log-probs and the P-DPO loss
-(``pair_loss``); the loop is a plain one because accelerate does not run FSDP on CPUs."""
+(``pair_loss``); the loop is a plain one because accelerate does not run FSDP on CPUs.
+
+``argv[2] == "sgd"``: plain SGD instead of AdamW (the update is proportional to the gradient, so a
+wrong gradient scale changes the trajectory). Either way, each parameter's gradient after the first
+backward (reduce-scattered, then gathered whole) is written to argv[1] + ".grads.safetensors".
+``PRLHF_TEST_SUM_REDUCTION=1`` makes FSDP2 sum the processes' gradients instead of averaging them:
+the wrong reduction the gradient test must catch."""
 
 import json
 import os
@@ -21,6 +27,7 @@ GLOBAL_BATCH, STEPS = 8, 4
 
 if __name__ == "__main__":
     out = sys.argv[1]
+    sgd = len(sys.argv) > 2 and sys.argv[2] == "sgd"
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     launch = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in os.environ}
     torch.manual_seed(0)
@@ -42,13 +49,22 @@ if __name__ == "__main__":
         fully_shard(model, mesh=mesh)
         sharded = sum(p.to_local().numel() for p in model.parameters())
     full = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if sgd else torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses, accuracies = [], []
     for step in range(STEPS):
         idx = list(range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH))[rank::world]  # this process's share
         batch = trainer.data_collator([trainer.train_dataset[i] for i in idx])
         loss, metrics = trainer.pair_loss(model, batch)
-        loss.backward()  # FSDP2 reduce-scatters the mean gradient over the processes
+        # FSDP2 reduce-scatters the mean gradient over the processes. PRLHF_TEST_SUM_REDUCTION: the sum instead
+        # (each process's gradient times the world size, then averaged: gloo has no PREMUL_SUM for a divide factor of 1)
+        (loss * world if os.environ.get("PRLHF_TEST_SUM_REDUCTION") else loss).backward()
+        if step == 0:  # every parameter's gradient, gathered whole (a collective: every rank takes part)
+            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone().contiguous()
+                     for n, p in model.named_parameters() if p.grad is not None}
+            if rank == 0:
+                from safetensors.torch import save_file
+
+                save_file(grads, out + ".grads.safetensors")
         opt.step()
         opt.zero_grad()
         stats = torch.tensor([loss.item(), metrics["rewards/accuracies"]])

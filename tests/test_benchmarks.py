@@ -100,3 +100,22 @@ def test_serve_load_runs_bounded_on_loopback(tmp_path):
         assert 0 <= ph["tokens_per_second"] * ph["seconds"] <= 8 * 4 + 1e-6 and ph["mean_completion_tokens"] <= 4
     # one client at a time: the phase lasts at least as long as half its requests at the median latency
     assert result["sequential"]["seconds"] >= 4 * result["sequential"]["latency_p50"]
+
+
+def test_gpu_check_runs_small_on_cpu(tmp_path):
+    """The GPU check's CPU version (so the script does not rot where no GPU runs it): every check
+    passes and the JSON holds each family, the three speed systems and the run block."""
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-small", "--steps", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    assert proc.returncode == 0 and result.get("ok"), proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert set(result["checks"]["families"]) == {"llama", "gpt2", "qwen2", "gemma2", "mistral", "phi3"}
+    assert all(v["fast_paths"] == "equal" for v in result["checks"]["families"].values())
+    assert result["checks"]["shared_prompt_cache"]["ok"] and result["checks"]["vllm_handoff"]["ok"]
+    systems = result["speed"]["systems"]
+    assert set(systems) == {"pdpo_individual", "prm_after_response", "trl_dpo_precompute"}
+    for name, v in systems.items():
+        assert v["seconds_per_comparison"] > 0 and v["finite"], name
+    assert result["dtype"] == "float32" and result["device"] == "cpu"
+    assert "| family gemma2 | ok |" in result["table"] and result["run"]["command"].startswith("python benchmarks/gpu_check.py")

@@ -1,6 +1,9 @@
-"""Two CPU processes under `accelerate launch` (gloo) give the loss trajectory of one process with
-the same global batch; so does FSDP2 sharding the model over two processes, while FSDP asked of
-accelerate on CPUs (where accelerate would silently train data-parallel) is a clear error.
+"""Two CPU processes under `accelerate launch` (gloo) give the gradients and the plain-SGD loss
+trajectory of one process with the same global batch; so does FSDP2 sharding the model over two
+processes, while FSDP asked of accelerate on CPUs (where accelerate would silently train
+data-parallel) is a clear error. `pytest tests/test_distributed.py -k grad` runs the gradient checks;
+PRLHF_TEST_SUM_REDUCTION=1 in their environment sums the processes' gradients instead of averaging
+(they must then fail).
 
 accelerate 1.x runs `--cpu --num_processes 2` as a single process unless an MPI hostfile is
 given; on a machine without GPUs, `--multi_gpu --num_processes 2` starts two processes through
@@ -33,30 +36,54 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
           "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def same_gradients(one: str, two: str) -> int:
+    """Every parameter's gradient after the first backward: the two-process run's (after its
+    reduction) equals the one-process run's on the same global batch. Returns how many were compared."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(one + ".grads.safetensors"), load_file(two + ".grads.safetensors")
+    assert a.keys() == b.keys() and len(a) > 10
+    assert any(float(g.abs().max()) > 1e-4 for g in a.values())  # real gradients, not zeros
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    return len(a)
+
+
+def test_ddp_grad_and_sgd_trajectory_match_one_process(tmp_path):
+    """`accelerate launch`, two gloo processes, prlhf's own Trainer: each parameter's gradient after
+    the first backward (DDP's all-reduce) equals the one-process gradient on the same global batch,
+    and plain SGD without clipping (an update proportional to the gradient) follows the one-process
+    loss trajectory. A summed reduction (a doubled gradient) or a loss computed outside the wrapped
+    model (no all-reduce: each process keeps half the batch's gradient) fails both."""
     script = str(HERE / "distributed_train.py")
     one, two = str(tmp_path / "one.json"), str(tmp_path / "two.json")
-    run([sys.executable, script, "8", one], tmp_path)
-    run([*LAUNCH, "--main_process_port", "29517", script, "4", two], tmp_path)
+    run([sys.executable, script, "8", one, "sgd"], tmp_path)
+    run([*LAUNCH, "--main_process_port", "29517", script, "4", two, "sgd"], tmp_path)
     a, b = json.load(open(one)), json.load(open(two))
     assert a["world_size"] == 1 and b["world_size"] == 2
+    same_gradients(one, two)
     assert len(a["loss"]) == len(b["loss"]) == 4
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
     assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-6)
     assert len(set(a["loss"])) > 1  # the trajectory moves
 
 
-def test_fsdp2_sharded_over_two_processes_matches_one_process(tmp_path):
-    """torch's FSDP2 on gloo: each process holds half of the parameters; the P-DPO loss (trainer's
-    pair_loss, packed rows, user model in the root unit) follows the unsharded run's trajectory."""
+def test_fsdp2_grad_and_sgd_trajectory_sharded_over_two_processes_match_one_process(tmp_path):
+    """torch's FSDP2 on gloo: each process holds half of the parameters; each parameter's gradient
+    after the first backward (reduce-scattered, gathered whole) equals the unsharded one on the same
+    global batch, and the P-DPO loss (trainer's pair_loss, packed rows, user model in the root unit)
+    under plain SGD follows the unsharded run's trajectory. Checks torch's report of AVG
+    reduce-scatter summing on gloo (pytorch issue 162338) on the installed torch."""
     script = str(HERE / "fsdp_train.py")
     one, two = str(tmp_path / "one.json"), str(tmp_path / "two.json")
-    run([sys.executable, script, one], tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", script, two],
-        tmp_path)
+    run([sys.executable, script, one, "sgd"], tmp_path)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", script,
+                two, "sgd"], tmp_path)
+    assert "returned a view tensor" not in proc.stderr  # PersonalizedLM's output is a fresh tensor
     a, b = json.load(open(one)), json.load(open(two))
     assert a["world_size"] == 1 and b["world_size"] == 2
     assert b["local_numel"] <= 0.51 * b["full_numel"] and a["local_numel"] == a["full_numel"] == b["full_numel"]
+    same_gradients(one, two)
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
     assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-6)
     assert len(set(a["loss"])) > 1

@@ -1,6 +1,8 @@
 """`prlhf serve`: the real server on 127.0.0.1 called with the official openai client."""
 
 import json
+import re
+import shutil
 import socket
 import threading
 import time
@@ -215,6 +217,157 @@ def test_generate_rows_per_row_settings_and_cancellation():
     s2 = generate_rows(model, prompts[:1] * 2, ["a", "b"], None,
                        [SamplingParams(max_tokens=8, temperature=1.0, seed=5), SamplingParams(max_tokens=2, temperature=0)])[0]
     assert s1.token_ids == s2.token_ids  # a row's sample does not depend on its batch mates
+
+
+def _alone(model, prompt, user, params):
+    return generate_rows(model, [prompt], [user], None, [params])[0]
+
+
+def test_rows_joining_a_running_batch_get_the_tokens_they_get_alone():
+    """Continuous batching: rows added between steps (left-padded to the batch's cache, or the batch
+    left-padded to theirs) decode exactly as they do alone, greedy and seeded samples alike; a long
+    row that leaves early has its cache positions trimmed, and the others go on unchanged."""
+    from prlhf.sampling import DecodeBatch
+
+    model = build_model("individual", n_tokens=2, users=("a", "b"))
+    model.eval()
+    first = [("Q: the river\nA:", "a", SamplingParams(max_tokens=12, temperature=0)),
+             ("Q: a much longer question about the open sea and the wind\nA:", "b", SamplingParams(max_tokens=2, temperature=0))]
+    later = [("Q: an even longer question, about mountains, rivers, the sea and the stars above them\nA:", None,
+              SamplingParams(max_tokens=10, temperature=0)),
+             ("Q: hi\nA:", "b", SamplingParams(max_tokens=9, temperature=1.0, seed=3)),
+             ("Q: hi\nA:", "a", SamplingParams(max_tokens=0))]
+    batch = DecodeBatch(model)
+    rows = batch.add(*[list(x) for x in zip(*[(p, u) for p, u, _ in first])], None, [s for *_, s in first])
+    for _ in range(3):
+        batch.step()
+    assert len(batch) == 1  # the long-prompt row left after 2 tokens
+    # its longer prompt's positions were trimmed: no column is padding for the row left
+    assert batch.mask.shape[1] == batch.cache.get_seq_length() == int(batch.mask[0].sum())
+    rows += batch.add([p for p, *_ in later], [u for _, u, _ in later], None, [s for *_, s in later])
+    assert rows[-1].out.finish_reason == "length" and rows[-1].out.token_ids == []
+    while len(batch):
+        batch.step()
+    for (prompt, user, params), row in zip(first + later, rows):
+        assert row.out.token_ids == _alone(model, prompt, user, params).token_ids, (prompt, user)
+
+
+def test_a_prompt_for_several_users_is_prefilled_once_before_response():
+    from prlhf.sampling import DecodeBatch
+
+    model = build_model("individual", n_tokens=2, users=("a", "b"), user_position="before_response")
+    model.eval()
+    prompts, users = ["Q: the river\nA:"] * 3 + ["Q: the sun\nA:"], ["a", "b", None, "a"]
+    assert "prompt_rows" in model.prepare_prompts(prompts, users, None, share_prompts=None)
+    params = [SamplingParams(max_tokens=8, temperature=0) for _ in prompts]
+    batch = DecodeBatch(model)
+    rows = batch.add(prompts, users, None, params)
+    while len(batch):
+        batch.step()
+    for p, u, s, row in zip(prompts, users, params, rows):
+        assert row.out.token_ids == _alone(model, p, u, s).token_ids
+
+
+def test_the_server_lets_requests_join_a_running_batch(monkeypatch):
+    """A request that arrives while another is decoding joins its batch (no wait for the first to end)
+    and gets the answer it gets alone."""
+    from prlhf.sampling import DecodeBatch
+
+    model = build_model("individual", n_tokens=2, users=("a", "b"))
+    model.eval()
+    step = DecodeBatch.step
+
+    def slow_step(self):  # a slower model: the first request is surely still decoding when the second comes
+        time.sleep(0.01)
+        return step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", slow_step)
+    server = Server(model, "tiny", max_tokens_limit=64, max_batch_size=8, batch_wait_ms=1)
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        long_body = json.dumps({"model": "tiny", "prompt": "Q: the river\nA:", "user": "a", "max_tokens": 64,
+                                "temperature": 0, "stop": ["\u0000never"]}).encode()
+        result = {}
+        first = threading.Thread(target=lambda: result.update(long=raw_request(
+            "POST", url + "/v1/completions", long_body, {"Content-Type": "application/json"})))
+        first.start()
+        while server.batcher.rows == 0:
+            time.sleep(0.005)
+        short = {"model": "tiny", "prompt": "Q: the sun\nA:", "user": "b", "max_tokens": 4, "temperature": 0}
+        status, body = raw_request("POST", url + "/v1/completions", json.dumps(short).encode(),
+                                   {"Content-Type": "application/json"})
+        assert status == 200
+        assert first.is_alive() or server.batcher.joined >= 1
+        first.join(60)
+        assert server.batcher.joined >= 1 and server.batcher.batches == 1
+        alone = _alone(model, "Q: the sun\nA:", "b", SamplingParams(max_tokens=4, temperature=0))
+        assert body["choices"][0]["text"] == alone.text
+        assert result["long"][1]["choices"][0]["text"] == _alone(
+            model, "Q: the river\nA:", "a", SamplingParams(max_tokens=64, temperature=0)).text
+    finally:
+        uv.should_exit = True
+        server.batcher.close()
+        thread.join(10)
+
+
+def test_the_playground_page_is_served_with_the_users_it_lists(served):
+    import urllib.request
+
+    url, model, _ = served
+    with urllib.request.urlopen(url + "/", timeout=30) as r:
+        html = r.read().decode()
+        assert r.headers["content-type"].startswith("text/html")
+    assert "prlhf playground" in html and "/v1/completions" in html
+    assert not re.search(r'(src|href)="(https?:)?//', html)  # no external assets
+    status, users = raw_request("GET", url + "/v1/users", headers={"Authorization": f"Bearer {KEY}"})
+    assert status == 200 and users["total"] == 2 and [u["id"] for u in users["data"]] == ["a", "b"]
+    assert raw_request("GET", url + "/v1/users")[0] == 401  # the user list is behind the API key
+
+
+def _browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_the_playground_in_a_headless_browser_shows_each_users_answer(served):
+    """The real page in a real browser (Debian's chromium, headless, driven over the DevTools protocol
+    through a pipe: tests/cdp.py): it loads, lists the users, and shows side by side each user's
+    streamed answer, the one the model gives that user, with the served user under it; two users
+    with different embeddings answer differently."""
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no headless browser (chromium, chromium-browser or google-chrome on PATH): "
+                    "`apt-get install chromium` (.ci/run does) to run the playground's browser test")
+    from urllib.parse import urlencode
+
+    from cdp import Browser
+
+    url, model, _ = served
+    prompt = "Q: the river\nA:"
+    page = url + "/?" + urlencode({"users": "a,b", "prompt": prompt, "max_tokens": 8, "run": 1, "key": KEY})
+    browser = Browser(browser)
+    try:
+        browser.goto(page)
+        browser.wait_for("document.body && document.body.dataset.done === '1'", timeout=120)
+        options = browser.evaluate("[...document.querySelector('.col select').options].map(o => o.value)")
+        answers = browser.evaluate("[...document.querySelectorAll('.answer')].map(a => a.textContent)")
+        served_as = browser.evaluate("[...document.querySelectorAll('.served')].map(a => a.textContent)")
+    finally:
+        browser.close()
+    assert options == ["", "a", "b"]  # the generic user, then the model's users
+    expected = model.generate([prompt, prompt], ["a", "b"], max_new_tokens=8, do_sample=False)
+    assert answers == expected and answers[0] != answers[1]
+    assert served_as == ["served as: a", "served as: b"]
 
 
 # -- prlhf judge ------------------------------------------------------------------------------------

@@ -352,9 +352,10 @@ def adapt_folder(cfg) -> tuple:
     torch.manual_seed(cfg.seed)
     records = load_preference_data(cfg.data)
     source = resolve_saved_model(cfg.model)
-    model = PersonalizedLM.from_pretrained(source)
+    load = {"dtype": getattr(cfg, "dtype", "float32")}
+    model = PersonalizedLM.from_pretrained(source, device=getattr(cfg, "device", None), **load)
     objective = training_objective(source)
-    result = adapt_users(model, records, load_reference(model, cfg.reference), steps=cfg.steps,
+    result = adapt_users(model, records, load_reference(model, cfg.reference, **load), steps=cfg.steps,
                          learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, reset=cfg.reset, beta=cfg.beta,
                          sft_weight=cfg.sft_weight, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                          seed=cfg.seed, objective=objective, name=cfg.data)
@@ -371,9 +372,10 @@ def suggest_for_folder(cfg) -> tuple[list[dict], int]:
     ``candidate_index``). Returns (records, number of candidates)."""
     torch.manual_seed(cfg.seed)
     candidates = load_preference_data(cfg.candidates)
-    model = PersonalizedLM.from_pretrained(cfg.model)
+    load = {"dtype": getattr(cfg, "dtype", "float32")}
+    model = PersonalizedLM.from_pretrained(cfg.model, device=getattr(cfg, "device", None), **load)
     objective = training_objective(resolve_saved_model(cfg.model))
-    picked = suggest_pairs(model, candidates, cfg.suggest, load_reference(model, cfg.reference), cfg.strategy, cfg.seed,
+    picked = suggest_pairs(model, candidates, cfg.suggest, load_reference(model, cfg.reference, **load), cfg.strategy, cfg.seed,
                            beta=cfg.beta or objective.get("beta", 0.1), batch_size=cfg.batch_size,
                            max_length=cfg.max_length or objective.get("max_length", 1024),
                            max_prompt_length=cfg.max_prompt_length or objective.get("max_prompt_length", 512))

@@ -277,3 +277,42 @@ def portable_path(name_or_path: str) -> str:
     if name_or_path in ALIASES or not Path(name_or_path).exists():
         return name_or_path
     return str(Path(name_or_path).resolve())
+
+
+TINY_FAMILIES = ("llama", "gpt2", "qwen2", "gemma2", "mistral", "phi3")
+
+
+def tiny_family(name: str, tok, **over):
+    """A tiny random model (hidden 64, 2 layers, seed 0) of one of the tested families
+    (``TINY_FAMILIES``) for tokenizer ``tok``; ``over`` sets config fields (``sliding_window`` for
+    Mistral). What the architecture tests and the GPU check run on."""
+    import transformers as tf
+
+    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, **common)
+    if name == "llama":
+        cfg, cls = tf.LlamaConfig(**llama_like), tf.LlamaForCausalLM
+    elif name == "gpt2":
+        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+        cls = tf.GPT2LMHeadModel
+    elif name == "qwen2":
+        cfg, cls = tf.Qwen2Config(**llama_like, tie_word_embeddings=True), tf.Qwen2ForCausalLM
+    elif name == "gemma2":  # logit soft-capping, scaled embeddings, alternating sliding-window layers
+        cfg = tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=128, final_logit_softcapping=30.0,
+                              attn_logit_softcapping=50.0, query_pre_attn_scalar=16)
+        cls = tf.Gemma2ForCausalLM
+    elif name == "mistral":
+        cfg, cls = tf.MistralConfig(**llama_like, sliding_window=over.pop("sliding_window", 128)), tf.MistralForCausalLM
+    elif name == "phi3":
+        cfg, cls = tf.Phi3Config(**llama_like, sliding_window=None), tf.Phi3ForCausalLM
+    else:
+        raise ValueError(name)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        llm = cls(cfg).eval()
+    llm.generation_config.pad_token_id = tok.pad_token_id
+    return llm

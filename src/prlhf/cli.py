@@ -18,6 +18,7 @@ hyphens or underscores; flags win), makes one call into the library and prints t
     prlhf rm score --model DIR --input rows.jsonl --output scored.jsonl
     prlhf rm demo [--output DIR]                            P-RM vs vanilla RM and best-of-n on the demo task
     prlhf serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]   OpenAI-compatible server
+    prlhf export-vllm --model DIR --output DIR2             merged LLM + user embeddings + client, for vLLM
     prlhf judge --generations FILE --a METHOD --b METHOD --base-url URL --model NAME --output judge.json
 
 Every command takes --config FILE.yaml (its keys are the command's flags) and --help.
@@ -311,7 +312,7 @@ def cmd_serve(argv: list[str]) -> int:
     from .serve import serve
 
     serve(a.model, a.host, a.port, a.api_key, a.served_model_name, a.max_batch_size, a.batch_wait_ms, a.max_tokens_limit,
-          a.device)
+          a.device, a.dtype, a.continuous_batching)
     return 0
 
 
@@ -348,8 +349,19 @@ def cmd_demo(argv: list[str]) -> int:
     return main_demo(a.output, a.seed, a.ablations)
 
 
+def cmd_export_vllm(argv: list[str]) -> int:
+    from .config.commands import ExportVLLMConfig
+    from .export import export_for_vllm
+
+    a = parse_config(ExportVLLMConfig, argv, prog="prlhf export-vllm")
+    out = export_for_vllm(a.model, a.output, None if a.dtype == "float32" else a.dtype, a.device)
+    print(f"wrote {out} (serve: vllm serve {out / 'llm'} --enable-prompt-embeds; then {out / 'vllm_client.py'})")
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data,
-            "adapt": cmd_adapt, "users": cmd_users, "rm": cmd_rm, "serve": cmd_serve, "judge": cmd_judge}
+            "adapt": cmd_adapt, "users": cmd_users, "rm": cmd_rm, "serve": cmd_serve, "judge": cmd_judge,
+            "export-vllm": cmd_export_vllm}
 
 
 def main(argv: list[str] | None = None) -> int:

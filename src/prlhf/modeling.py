@@ -201,7 +201,9 @@ class PersonalizedLM(nn.Module):
                if key in batch}
         embeds = self.embed(sub["input_ids"], sub["implicit_mask"], torch.cat(users))
         token_logps = score_targets(self.llm, embeds, sub, torch.cat(flat), torch.cat(ids), full_logits=full_logits)
-        return sum_per_sequence(token_logps, torch.cat(seqs), len(terms) * 2 * B).view(len(terms), 2 * B)
+        # a fresh tensor, not a view: under FSDP2 a module's output view would lose the pre-backward hook to any
+        # in-place op on it (torch warns); (n_terms, 2B) floats, so the copy costs nothing
+        return sum_per_sequence(token_logps, torch.cat(seqs), len(terms) * 2 * B).view(len(terms), 2 * B).clone()
 
     def collator(self, padding_side: str = "right", packing: bool = False, n_terms: int = 1,
                  with_user: bool = True) -> PreferenceCollator:

@@ -6,11 +6,12 @@ unknown: the generic user); ``user_text`` (the openai client's ``extra_body``) s
 explicit user text. Every response says which user served it: the ``X-Prlhf-User`` header and a
 ``prlhf`` field in the body (``{"user": id or null, "generic": bool}``).
 
-Requests that arrive together are decoded together: a batcher thread collects up to
-``max_batch_size`` rows (``n`` > 1 gives n rows) for at most ``batch_wait_ms``, and runs them in
-one ``prlhf.sampling.generate_rows`` call, each row with its own user embedding and sampling
-settings. A client that disconnects has its rows cancelled (they leave the batch at the next
-token). Errors follow the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` with 4xx
+Requests are decoded together: a batcher thread keeps one batch of rows (``n`` > 1 gives n rows)
+decoding (``prlhf.batching.Batcher``), one token per step over one KV cache (``prlhf.sampling.DecodeBatch``), each row with its
+own user embedding and sampling settings; rows that arrive while it runs join it between tokens as
+others finish (continuous batching, up to ``max_batch_size`` rows), and a prompt asked for several
+users at once is prefilled once where the layout allows (``before_response``). A client that
+disconnects has its rows cancelled (they leave the batch at the next token). Errors follow the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` with 4xx
 codes; one request never takes the server down.
 """
 
@@ -18,13 +19,11 @@ codes; one request never takes the server down.
 import asyncio
 import json
 import logging
-import queue
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 
-from .sampling import Completion, SamplingParams, generate_rows
+from .batching import Batcher, Job
+from .sampling import Completion, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -39,79 +38,11 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-@dataclass
-class _Job:
-    prompt: object
-    user: str | None
-    user_text: str | None
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class Batcher:
-    """One worker thread that runs queued rows in batches (``generate_rows``)."""
-
-    def __init__(self, model, max_batch_size: int = 16, batch_wait_ms: float = 5.0):
-        self.model = model
-        self.max_batch_size = max_batch_size
-        self.batch_wait = batch_wait_ms / 1000.0
-        self.queue: queue.Queue = queue.Queue()
-        self.batches = 0
-        self.rows = 0
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="prlhf-batcher", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: _Job) -> None:
-        self.queue.put(job)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.queue.put(None)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            job = self.queue.get()
-            if job is None:
-                break
-            jobs = [job]
-            deadline = time.monotonic() + self.batch_wait
-            while len(jobs) < self.max_batch_size:
-                left = deadline - time.monotonic()
-                try:
-                    nxt = self.queue.get(timeout=max(left, 0)) if left > 0 else self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._stop.set()
-                    break
-                jobs.append(nxt)
-            jobs = [j for j in jobs if not j.cancelled.is_set()]
-            if jobs:
-                self._generate(jobs)
-
-    def _emit(self, job: _Job, event) -> None:
-        job.loop.call_soon_threadsafe(job.events.put_nowait, event)
-
-    def _generate(self, jobs: list[_Job]) -> None:
-        self.batches += 1
-        self.rows += len(jobs)
-        try:
-            results = generate_rows(
-                self.model, [j.prompt for j in jobs], [j.user for j in jobs], [j.user_text for j in jobs],
-                [j.params for j in jobs],
-                on_text=[(lambda text, j=j: self._emit(j, ("text", text))) for j in jobs],
-                is_cancelled=[j.cancelled.is_set for j in jobs])
-        except Exception as err:  # noqa: BLE001 - the request fails, the server lives on
-            logger.exception("generation failed")
-            for j in jobs:
-                self._emit(j, ("error", APIError(500, f"generation failed: {type(err).__name__}: {err}",
-                                                 type="server_error")))
-            return
-        for j, r in zip(jobs, results):
-            self._emit(j, ("done", r))
+def _api_error(err: Exception) -> APIError:
+    """A generation failure as the server reports it (500, OpenAI-shaped)."""
+    if isinstance(err, APIError):
+        return err
+    return APIError(500, f"generation failed: {type(err).__name__}: {err}", type="server_error")
 
 
 # -- request validation --------------------------------------------------------------------------
@@ -152,13 +83,13 @@ class Server:
     """The model, its name and limits, and the request handling (independent of the web framework)."""
 
     def __init__(self, model, model_name: str, max_tokens_limit: int = 1024, max_batch_size: int = 16,
-                 batch_wait_ms: float = 5.0, max_n: int = 8):
+                 batch_wait_ms: float = 5.0, max_n: int = 8, continuous_batching: bool = True):
         self.model = model
         self.model_name = model_name
         self.max_tokens_limit = max_tokens_limit
         self.max_n = max_n
         self.context = int(getattr(model.llm.config, "max_position_embeddings", 0) or 0) or None
-        self.batcher = Batcher(model, max_batch_size, batch_wait_ms)
+        self.batcher = Batcher(model, max_batch_size, batch_wait_ms, continuous_batching)
         self.created = int(time.time())
 
     def served_user(self, user: str | None) -> dict:
@@ -220,12 +151,12 @@ class Server:
                                "messages" if chat else "prompt", "context_length_exceeded")
         return prompt, n, params, user, text
 
-    def submit(self, prompt, n: int, params: SamplingParams, user, text) -> list[_Job]:
+    def submit(self, prompt, n: int, params: SamplingParams, user, text) -> list[Job]:
         loop = asyncio.get_running_loop()
         jobs = []
         for i in range(n):
             p = params if n == 1 or params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-            job = _Job(prompt, user, text, p, loop, asyncio.Queue())
+            job = Job(prompt, user, text, p, loop, asyncio.Queue())
             self.batcher.submit(job)
             jobs.append(job)
         return jobs
@@ -252,7 +183,7 @@ def create_app(server: Server, api_key: str | None = None):
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @asynccontextmanager
@@ -295,7 +226,22 @@ def create_app(server: Server, api_key: str | None = None):
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": server.model_name, "users": len(server.model.registry),
-                "batches": server.batcher.batches, "rows": server.batcher.rows}
+                "batches": server.batcher.batches, "rows": server.batcher.rows, "joined": server.batcher.joined}
+
+    @app.get("/")
+    async def playground():
+        """One static page (no build step, no external assets): two to four users side by side."""
+        from importlib.resources import files
+
+        return HTMLResponse(files("prlhf").joinpath("playground.html").read_text(encoding="utf-8"))
+
+    @app.get("/v1/users")
+    async def users(limit: int = 1000):
+        """The users the model knows (the first ``limit``, in registry order), for the playground."""
+        ids = list(server.model.registry.ids)
+        texts = server.model.registry.user_texts
+        return {"object": "list", "total": len(ids),
+                "data": [{"id": u, **({"user_text": texts[u]} if u in texts else {})} for u in ids[:max(0, limit)]]}
 
     @app.get("/v1/models")
     async def models():
@@ -328,7 +274,7 @@ def create_app(server: Server, api_key: str | None = None):
                 while True:
                     kind, payload = await job.events.get()
                     if kind == "error":
-                        raise payload
+                        raise _api_error(payload)
                     if kind == "done":
                         results.append(payload)
                         break
@@ -390,8 +336,7 @@ def create_app(server: Server, api_key: str | None = None):
                         yield chunk(i, None if chat else "", payload.finish_reason)
                         del getters[i]
                     else:
-                        err = payload
-                        yield f"data: {json.dumps(err.body())}\n\n"
+                        yield f"data: {json.dumps(_api_error(payload).body())}\n\n"
                         del getters[i]
             if include_usage:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -416,7 +361,8 @@ def create_app(server: Server, api_key: str | None = None):
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
-          max_tokens_limit: int = 1024, device: str | None = None) -> None:
+          max_tokens_limit: int = 1024, device: str | None = None, dtype: str = "float32",
+          continuous_batching: bool = True) -> None:
     """Load a saved model and serve it until interrupted (``prlhf serve``)."""
     from pathlib import Path
 
@@ -424,9 +370,9 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
 
     from .modeling import PersonalizedLM
 
-    model = PersonalizedLM.from_pretrained(model_dir, device=device)
+    model = PersonalizedLM.from_pretrained(model_dir, device=device, dtype=dtype)
     name = served_model_name or Path(str(model_dir).rstrip("/")).name
-    server = Server(model, name, max_tokens_limit, max_batch_size, batch_wait_ms)
+    server = Server(model, name, max_tokens_limit, max_batch_size, batch_wait_ms, continuous_batching=continuous_batching)
     app = create_app(server, api_key)
     print(f"prlhf serve: model '{name}' ({len(model.registry)} users) on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

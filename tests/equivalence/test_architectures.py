@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import two_user_records
 
-from prlhf.base_models import tiny_tokenizer
+from prlhf.base_models import tiny_family, tiny_tokenizer
 from prlhf.collate import PreferenceCollator
 from prlhf.config import PersonalizationConfig
 from prlhf.data import load_preference_data, tokenize_dataset, tokenize_response
@@ -25,40 +25,9 @@ RECS = [
 ]
 
 
-def family(name: str, tok, **over):
-    import transformers as tf
-
-    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id)
-    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, **common)
-    if name == "gpt2":
-        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
-        cls = tf.GPT2LMHeadModel
-    elif name == "qwen2":
-        cfg, cls = tf.Qwen2Config(**llama_like, tie_word_embeddings=True), tf.Qwen2ForCausalLM
-    elif name == "gemma2":  # logit soft-capping, scaled embeddings, alternating sliding-window layers
-        cfg = tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=128, final_logit_softcapping=30.0,
-                              attn_logit_softcapping=50.0, query_pre_attn_scalar=16)
-        cls = tf.Gemma2ForCausalLM
-    elif name == "mistral":
-        cfg, cls = tf.MistralConfig(**llama_like, sliding_window=over.pop("sliding_window", 128)), tf.MistralForCausalLM
-    elif name == "phi3":
-        cfg, cls = tf.Phi3Config(**llama_like, sliding_window=None), tf.Phi3ForCausalLM
-    else:
-        raise ValueError(name)
-    for k, v in over.items():
-        setattr(cfg, k, v)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        llm = cls(cfg).eval()
-    llm.generation_config.pad_token_id = tok.pad_token_id
-    return llm
-
-
 def build(name, **over):
     tok = tiny_tokenizer()
-    llm = family(name, tok, **over)
+    llm = tiny_family(name, tok, **over)
     config = PersonalizationConfig(base_model_name_or_path=name, user_model="individual", n_user_tokens=3,
                                    user_offset_init="random")
     return PersonalizedLM.build(config, UserRegistry(["a", "b"]), llm=llm, tokenizer=tok).eval()

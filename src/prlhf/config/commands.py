@@ -189,14 +189,35 @@ class AdaptConfig:
     strategy: str = option("active", "with --suggest: committee disagreement (active) or uniform choice (random)",
                            choices=["active", "random"])
     user: str | None = option(None, "with --suggest: the user id written into the suggested records")
+    dtype: str = option("float32", "float32 (default), bfloat16, float16 or auto (the checkpoint's own)")
+    device: str = option("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, mps, ...")
 
     def __post_init__(self):
         if not self.model:
             raise ValueError("--model is required (a trained model folder)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.suggest is not None and not self.candidates:
             raise ValueError("--suggest needs --candidates PAIRS.jsonl")
         if self.suggest is None and (not self.data or not self.output):
             raise ValueError("adaptation needs --data NEW_USERS.jsonl and --output DIR2 (or --suggest N --candidates FILE)")
+
+
+@dataclass
+class ExportVLLMConfig:
+    """``prlhf export-vllm``: a trained model as a plain LLM (LoRA merged) plus its users' embeddings
+    and a client, for serving engines that take prompt embeddings (vLLM ``--enable-prompt-embeds``)."""
+
+    model: str | None = option(None, "folder written by `prlhf train`")
+    output: str | None = option(None, "folder to write (llm/, users.safetensors, prlhf_export.json, vllm_client.py, README.md)")
+    dtype: str = option("float32", "dtype of the merged weights: float32 (default), bfloat16, float16 or auto")
+    device: str = option("cpu", "where to merge: cpu (default), cuda, ...")
+
+    def __post_init__(self):
+        if not self.model or not self.output:
+            raise ValueError("usage: prlhf export-vllm --model DIR --output DIR2")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass
@@ -229,14 +250,19 @@ class ServeConfig:
     port: int = option(8000, "port to listen on")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/ routes")
     served_model_name: str | None = option(None, "the model id in /v1/models (default: the folder's name)")
-    max_batch_size: int = option(16, "rows decoded together")
-    batch_wait_ms: float = option(5.0, "how long the first request of a batch waits for others")
+    max_batch_size: int = option(16, "rows decoded together at most")
+    batch_wait_ms: float = option(5.0, "how long the first request of a new batch waits for others")
     max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
-    device: str | None = option(None, "cpu, cuda, auto (default: cpu)")
+    continuous_batching: bool = option(True, "rows join the running batch between tokens as others finish (false: a "
+                                       "batch runs to its end before the next starts)")
+    dtype: str = option("float32", "float32 (default), bfloat16, float16 or auto (the checkpoint's own)")
+    device: str = option("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, mps, ...")
 
     def __post_init__(self):
         if not self.model:
             raise ValueError("--model is required")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_size", "max_tokens_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
