@@ -132,39 +132,47 @@ def test_smollm2_dsp_recipe_runs_on_a_tiny_file(tmp_path):
     assert report["methods"]["pdpo_individual"]["user_match_chance"] == 0.25
 
 
-def test_smollm2_dsp_policy_or_rm_recipe_runs_on_a_tiny_file(tmp_path):
-    """P-DPO, two P-RM layouts and a vanilla RM trained on the same pairs, one table: accuracy per user,
-    training seconds per pair, user match of the policy's answers and of each RM's best-of-n pick; a
-    second run links the first run's models (same training pairs) instead of training them."""
+def test_smollm2_dsp_policy_or_rm_recipe_runs_on_a_tiny_file(tmp_path, monkeypatch):
+    """P-DPO, two P-RM layouts and a vanilla RM on the same pairs, one table: accuracy per user, training
+    seconds per pair, user match of the policy's answers and of each RM's best-of-n pick. The models of an
+    earlier run on the same conversion (PRLHF_MODELS_FROM: here P-DPO, the after_response P-RM and the
+    vanilla RM, trained in-process) are linked, the missing one (the prefix P-RM) is trained."""
     src = tmp_path / "dsp.json"
     src.write_text(json.dumps(dsp_rows() * 4))
+    earlier = tmp_path / "earlier"
+    monkeypatch.setenv("PRLHF_REFERENCE_CACHE", str(tmp_path / "refcache"))
+    assert main(["data", "convert", "dsp", "--input", str(src), "--output", str(earlier / "data"), "--rejected-pool", "domains",
+                 "--format", "text", "--test-fraction", "0.2", "--seed", "0", "--query-half", "2"]) == 0
+    fast = SHELL_FAST.split() + ["--train_file", str(earlier / "data" / "train.jsonl"), "--use_lora", "true",
+                                 "--max_length", "80", "--max_prompt_length", "48"]
+    assert main(["train", *fast, "--output_dir", str(earlier / "pdpo_individual"), "--user_model", "individual"]) == 0
+    assert main(["rm", "train", *fast, "--output_dir", str(earlier / "prm_individual"), "--user_model", "individual"]) == 0
+    assert main(["rm", "train", *fast, "--output_dir", str(earlier / "rm_uniform"), "--user_model", "uniform"]) == 0
     compare = "--sampler tiny-llama --best-of 2 --prompts-per-user 1 --max-new-tokens 4"
     report = run_shell_recipe("smollm2_dsp_policy_or_rm.sh", src, tmp_path / "out", SHELL_FAST,
-                              PRLHF_COMPARE_OVERRIDES=compare)
+                              PRLHF_COMPARE_OVERRIDES=compare, PRLHF_MODELS_FROM=f"{tmp_path / 'nothing'} {earlier}")
+    out = tmp_path / "out"
+    assert (out / "prm_after_response").resolve() == (earlier / "prm_individual").resolve()  # linked
+    assert (out / "pdpo_individual").is_symlink() and (out / "rm_uniform").is_symlink()
+    assert not (out / "prm_prefix").is_symlink() and (out / "prm_prefix" / "manifest.json").is_file()  # trained here
     trained = ["pdpo_individual", "prm_after_response", "prm_prefix", "rm_uniform"]
     assert list(report["methods"])[:4] == trained
     assert report["methods"]["pdpo_individual"]["kind"] == "policy (implicit reward)"
     assert report["methods"]["prm_prefix"]["kind"] == "reward model, user tokens prefix"
     assert report["methods"]["prm_after_response"]["kind"] == "reward model, user tokens after_response"
     assert report["methods"]["rm_uniform"]["kind"] == "reward model"
-    seen = {json.loads(line)["user_id"] for line in (tmp_path / "out" / "data" / "test.jsonl").read_text().splitlines()}
+    seen = {json.loads(line)["user_id"] for line in (out / "data" / "test.jsonl").read_text().splitlines()}
     for name in trained:
         m = report["methods"][name]
-        state = json.loads((tmp_path / "out" / name / "trainer_state.json").read_text())
+        state = json.loads((out / name / "trainer_state.json").read_text())
         runtime = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e)
         assert m["training"]["seconds_per_pair"] == pytest.approx(runtime / (1 * 2))  # 1 step of 2 pairs
         assert 0.0 <= m["accuracy"]["seen"] <= 1.0
         assert set(m["accuracy_per_user"]) == seen
         assert 0.0 <= m["generation"]["user_match"] <= 1.0
-    gens = [json.loads(x) for x in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    gens = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     assert {g["method"] for g in gens} == set(report["methods"])
-    # a reward model's pick is one of the shared samples; the policy's answers are its own
     assert report["methods"]["prm_prefix"]["generation"]["how"].startswith("best of 2")
-    again = run_shell_recipe("smollm2_dsp_policy_or_rm.sh", src, tmp_path / "out2", SHELL_FAST,
-                             PRLHF_COMPARE_OVERRIDES=compare, PRLHF_MODELS_FROM=str(tmp_path / "out"))
-    for name in trained:
-        assert (tmp_path / "out2" / name).is_symlink(), name
-        assert again["methods"][name]["accuracy"] == report["methods"][name]["accuracy"], name
 
 
 def test_smollm2_tldr_defaults_recipe_runs_on_a_tiny_file(tmp_path):
