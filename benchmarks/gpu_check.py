@@ -60,29 +60,28 @@ def records(tok, n: int, prompt_tokens: int, response_tokens: int) -> list[dict]
     return synthetic_records(tok, n, prompt_tokens, response_tokens, seed=0)
 
 
-class StepTimer:
-    """A TrainerCallback: seconds of each optimizer step (device synchronised), the loss of each."""
+def step_timer(device):
+    """A TrainerCallback that keeps the seconds of each optimizer step (the device synchronised) and
+    each logged loss."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, device):
-        from transformers import TrainerCallback
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.losses, self._start = [], [], None
 
-        class _Timer(TrainerCallback):
-            def __init__(self):
-                self.seconds, self.losses, self._start = [], [], None
+        def on_step_begin(self, args, state, control, **kw):
+            sync(device)
+            self._start = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kw):
-                sync(device)
-                self._start = time.perf_counter()
+        def on_step_end(self, args, state, control, **kw):
+            sync(device)
+            self.seconds.append(time.perf_counter() - self._start)
 
-            def on_step_end(self, args, state, control, **kw):
-                sync(device)
-                self.seconds.append(time.perf_counter() - self._start)
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
 
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    self.losses.append(float(logs["loss"]))
-
-        return _Timer()
+    return StepTimer()
 
 
 def common_args(out: str, device: torch.device, bf16: bool, batch: int, steps: int, max_length: int) -> dict:
@@ -140,7 +139,7 @@ def check_families(device, bf16: bool, work: str) -> dict:
             cfg = PersonalizationConfig(base_model_name_or_path=name, user_model="individual", n_user_tokens=3)
             model = PersonalizedLM.build(cfg, UserRegistry.from_records(data), llm=llm, tokenizer=tok)
             problem = verify_fast_paths(model, data, packing=True, fast_head=True, atol=1e-4)
-            timer = StepTimer(device)
+            timer = step_timer(device)
             args = PDPOConfig(**common_args(f"{work}/{name}", device, bf16, 4, 2, 128), reference_cache_dir="none",
                               health_eval_pairs=0, n_user_tokens=3)
             PDPOTrainer(model=model, args=args, train_dataset=data, callbacks=[timer]).train()
@@ -169,7 +168,6 @@ def speed(device, bf16: bool, size: dict, batch: int, steps: int, prompt_tokens:
     n_params = None
 
     def system(name, run):
-        nonlocal n_params
         peak_reset(device)
         try:
             out[name] = run()
@@ -184,7 +182,7 @@ def speed(device, bf16: bool, size: dict, batch: int, steps: int, prompt_tokens:
         n_params = sum(p.numel() for p in llm.parameters())
         cfg = PersonalizationConfig(base_model_name_or_path="random-llama", user_model="individual", n_user_tokens=10)
         model = PersonalizedLM.build(cfg, registry, llm=llm, tokenizer=tok)
-        timer = StepTimer(device)
+        timer = step_timer(device)
         args = PDPOConfig(**common_args(f"{work}/pdpo", device, bf16, batch, steps, max_length), reference_cache_dir="none",
                           health_eval_pairs=0, n_user_tokens=10, alpha=0.5)
         trainer = PDPOTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
@@ -197,7 +195,7 @@ def speed(device, bf16: bool, size: dict, batch: int, steps: int, prompt_tokens:
         cfg = PersonalizationConfig(base_model_name_or_path="random-llama", user_model="individual", n_user_tokens=10,
                                     user_position="after_response")
         rm = PersonalizedRewardModel(PersonalizedLM.build(cfg, registry, llm=llm, tokenizer=tok)).to(device)
-        timer = StepTimer(device)
+        timer = step_timer(device)
         args = PRMConfig(**common_args(f"{work}/prm", device, bf16, batch, steps, max_length), health_eval_pairs=0,
                          n_user_tokens=10, user_position="after_response")
         PRMTrainer(model=rm, args=args, train_dataset=data, callbacks=[timer]).train()
@@ -210,7 +208,7 @@ def speed(device, bf16: bool, size: dict, batch: int, steps: int, prompt_tokens:
         except ImportError as err:
             return {"ok": None, "skipped": f"TRL not installed ({err}): carry trl and datasets to compare"}
         llm = build_llm(size, tok, device)
-        timer = StepTimer(device)
+        timer = step_timer(device)
         args = DPOConfig(**common_args(f"{work}/trl", device, bf16, batch, steps, max_length), beta=0.1,
                          precompute_ref_log_probs=True)
         ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data])

@@ -1,5 +1,6 @@
 """`prlhf serve`: the real server on 127.0.0.1 called with the official openai client."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -40,23 +41,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served():
-    model = build_model("individual", n_tokens=3, users=("a", "b"))
-    model.eval()
-    server = Server(model, "tiny", max_tokens_limit=64, max_batch_size=8, batch_wait_ms=20)
+@contextlib.contextmanager
+def running(server, api_key=None):
+    """``server`` listening on 127.0.0.1 (a free port) in a thread; yields its URL, stops it after."""
     port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server, api_key=KEY), host="127.0.0.1", port=port, log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(create_app(server, api_key=api_key), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not uv.started:
         assert time.time() < deadline, "the server did not start"
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    yield url, model, server
-    uv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def served():
+    model = build_model("individual", n_tokens=3, users=("a", "b"))
+    model.eval()
+    server = Server(model, "tiny", max_tokens_limit=64, max_batch_size=8, batch_wait_ms=20)
+    with running(server, api_key=KEY) as url:
+        yield url, model, server
 
 
 @pytest.fixture(scope="module")
@@ -283,18 +292,9 @@ def test_the_server_lets_requests_join_a_running_batch(monkeypatch):
 
     monkeypatch.setattr(DecodeBatch, "step", slow_step)
     server = Server(model, "tiny", max_tokens_limit=64, max_batch_size=8, batch_wait_ms=1)
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with running(server) as url:
         long_body = json.dumps({"model": "tiny", "prompt": "Q: the river\nA:", "user": "a", "max_tokens": 64,
-                                "temperature": 0, "stop": ["\u0000never"]}).encode()
+                                "temperature": 0}).encode()
         result = {}
         first = threading.Thread(target=lambda: result.update(long=raw_request(
             "POST", url + "/v1/completions", long_body, {"Content-Type": "application/json"})))
@@ -305,17 +305,13 @@ def test_the_server_lets_requests_join_a_running_batch(monkeypatch):
         status, body = raw_request("POST", url + "/v1/completions", json.dumps(short).encode(),
                                    {"Content-Type": "application/json"})
         assert status == 200
-        assert first.is_alive() or server.batcher.joined >= 1
         first.join(60)
         assert server.batcher.joined >= 1 and server.batcher.batches == 1
         alone = _alone(model, "Q: the sun\nA:", "b", SamplingParams(max_tokens=4, temperature=0))
         assert body["choices"][0]["text"] == alone.text
         assert result["long"][1]["choices"][0]["text"] == _alone(
             model, "Q: the river\nA:", "a", SamplingParams(max_tokens=64, temperature=0)).text
-    finally:
-        uv.should_exit = True
-        server.batcher.close()
-        thread.join(10)
+    server.batcher.close()
 
 
 def test_the_playground_page_is_served_with_the_users_it_lists(served):
