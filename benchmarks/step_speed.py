@@ -216,11 +216,29 @@ def _build(name: str, model_name: str, records: list[dict], batch_size: int, max
     return trainer, (lambda idx: trainer.data_collator([examples[i] for i in idx])), ref_seconds
 
 
+def _import_for(name: str) -> None:
+    """The modules a system's build needs: imported by every worker at once, before the builds (which run
+    one after another), so that start-up overlaps while the loading peaks do not."""
+    import importlib
+
+    modules = ["prlhf.base_models", "prlhf.config"]
+    if name in ("trl_dpo", "trl_dpo_precompute"):
+        modules += ["datasets", "trl"]
+    else:
+        modules.append("prlhf.trainers.sft" if name.startswith("sft") else "prlhf.trainers.pdpo")
+    for module in modules:
+        importlib.import_module(module)
+
+
 def worker(name: str, model_name: str, records: list[dict], batch_size: int, max_length: int, workdir: str, conn) -> None:
     import torch
 
     torch.manual_seed(0)
     try:
+        _import_for(name)
+        conn.send(("imported", None))
+        if conn.recv()[0] != "build":
+            return
         trainer, make_batch, ref_seconds = _build(name, model_name, records, batch_size, max_length, workdir)
         trainer.create_optimizer()
         trainer.current_gradient_accumulation_steps = 1  # what Trainer.train() sets before its steps
@@ -360,14 +378,20 @@ def main(argv=None) -> dict:
     ctx = mp.get_context("spawn")
     workdir = tempfile.mkdtemp(prefix="prlhf-bench-")
     workers, ready = {}, {}
-    for name in a.systems:  # built one after another: their loading peaks do not overlap
+    for name in a.systems:  # all start (and import) at once ...
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=worker, args=(name, a.model, records, a.batch_size, a.max_length, workdir, child), daemon=True)
         proc.start()
-        kind, info = parent.recv()
-        if kind == "error":
-            fail(info)
-        workers[name], ready[name] = (proc, parent), info
+        workers[name] = (proc, parent)
+    for name in a.systems:  # ... and build one after another: their loading peaks do not overlap
+        conn = workers[name][1]
+        for expect in ("imported", "ready"):
+            kind, info = conn.recv()
+            if kind == "error":
+                fail(info)
+            if expect == "imported":
+                conn.send(("build", None))
+        ready[name] = info
         print(f"  {name}: ready", flush=True)
     times = {n: [] for n in a.systems}
     losses = {n: [] for n in a.systems}

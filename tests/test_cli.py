@@ -71,6 +71,13 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
     assert method["user_match_n"] == 4  # 2 prompts for each of the 2 seen users (the newcomer is unseen)
     assert rep["n_pairs"] == {"seen": 8, "unseen": 2}
     assert rep["user_match_data"]["n"] == 8  # the held-out chosen responses of seen users, matched as a ceiling
+    # --generate-prompts shared: the same 2 posts for each of the 3 users (the newcomer included)
+    assert main(["eval", "--model", str(out), "--data", str(test), "--generate", "2", "--generate-prompts", "shared",
+                 "--max-new-tokens", "4", "--report", str(tmp_path / "rep2")]) == 0
+    assert json.loads((tmp_path / "rep2" / "report.json").read_text())["methods"]["model"]["length_prompts"] == "shared"
+    gens = [json.loads(line) for line in (tmp_path / "rep2" / "generations.jsonl").read_text().splitlines()]
+    by_user = {u: sorted(g["prompt"] for g in gens if g["user_id"] == u) for u in ("long_fan", "short_fan", "newcomer")}
+    assert by_user["long_fan"] == by_user["short_fan"] == by_user["newcomer"] and len(by_user["long_fan"]) == 2
 
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--user", "long_fan", "--prompt", "Q: the dog\nA:", "--max-new-tokens", "5"]) == 0

@@ -2,7 +2,7 @@
 
 import pytest
 
-from prlhf.evaluation import group_of, held_out_prompts
+from prlhf.evaluation import group_of, held_out_prompts, shared_prompts
 from prlhf.report import comparison_table
 from prlhf.stats import bootstrap_ci, pair_score, per_user_mean
 
@@ -55,6 +55,40 @@ def test_held_out_prompts_are_distinct_per_user():
     items = held_out_prompts(recs, n_per_user=2)
     assert [u for u, _, _ in items] == ["a", "a", "b"]
     assert len({p for u, p, _ in items if u == "a"}) == 2
+
+
+def test_shared_prompts_give_every_user_the_same_posts():
+    recs = [{"user_id": u, "prompt": p, "chosen": "x", "rejected": "y", **({"user_text": "t"} if u == "b" else {})}
+            for u, ps in (("a", ["p1", "p2"]), ("b", ["p3"]), (None, ["p4", "p1"])) for p in ps]
+    items = shared_prompts(recs, 3, seed=1)
+    assert [u for u, _, _ in items] == ["a"] * 3 + ["b"] * 3 + [None] * 3  # users in order, the generic last
+    per_user = {u: [p for v, p, _ in items if v == u] for u in ("a", "b", None)}
+    assert per_user["a"] == per_user["b"] == per_user[None] and len(set(per_user["a"])) == 3
+    assert set(per_user["a"]) <= {"p1", "p2", "p3", "p4"}
+    assert {t for u, _, t in items if u == "b"} == {"t"} and {t for u, _, t in items if u == "a"} == {None}
+    assert shared_prompts(recs, 3, seed=1) == items  # seeded
+    assert len(shared_prompts(recs, 10)) == 3 * 4  # at most the distinct prompts there are
+
+
+def test_generation_runs_each_served_user_and_prompt_once():
+    """Greedy decoding: unknown users (all served by e_0) on the same prompt get one generation, copied."""
+    from prlhf.evaluation import evaluate_generation
+
+    class Recorder(_Model):
+        calls: list = []
+
+        def generate(self, prompts, user_ids, user_texts, **kwargs):
+            assert kwargs["do_sample"] is False
+            self.calls += list(zip(prompts, user_ids))
+            return [f"{p} for {u}" for p, u in zip(prompts, user_ids)]
+
+    recs = [{"user_id": u, "prompt": p, "chosen": "x", "rejected": "y"} for u in ("a", "new1", "new2") for p in ("p1", "p2")]
+    model = Recorder(["a"])
+    gen = evaluate_generation(model, recs, n_per_user=2, groups={"a": "majority"}, prompts="shared", batch_size=3)
+    assert sorted(model.calls) == [("p1", "a"), ("p1", "new1"), ("p2", "a"), ("p2", "new1")]  # new2 shares new1's
+    assert len(gen["generations"]) == 6 and gen["n_generations"] == {"majority": 2, "unseen": 4}
+    by = {(g["user_id"], g["prompt"]): g["response"] for g in gen["generations"]}
+    assert by[("new2", "p1")] == by[("new1", "p1")] == "p1 for new1" and by[("a", "p2")] == "p2 for a"
 
 
 def test_comparison_table_lists_methods_and_groups():

@@ -68,9 +68,31 @@ def test_documented_commands_run_as_written(tmp_path, monkeypatch):
         assert (tmp_path / cfg["output_dir"] / "prlhf_config.json").is_file(), f"{cmd}: no model saved"
 
 
+_SERVER: list = []
+
+
+def prlhf_fork_server():
+    """One fork server for the session's recipe runs (tests/forkserver.py: the `prlhf` lines of a recipe
+    skip the interpreter's start-up, seconds each); None with PRLHF_TEST_NO_FORKSERVER=1."""
+    if os.environ.get("PRLHF_TEST_NO_FORKSERVER") == "1":
+        return None
+    if not _SERVER:
+        import atexit
+        import tempfile
+
+        from forkserver import ForkServer
+
+        _SERVER.append(ForkServer(tempfile.mkdtemp(prefix="prlhf-forkserver-")))
+        atexit.register(_SERVER[0].close)
+    return _SERVER[0]
+
+
 def run_shell_recipe(script: str, input_path: Path, out: Path, overrides: str, **env_extra: str) -> dict:
     env = {**os.environ, "PRLHF_RECIPE_OVERRIDES": overrides, "PRLHF_EVAL_OVERRIDES": "--generate 1 --max-new-tokens 4",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env_extra}
+    server = prlhf_fork_server()
+    if server is not None:
+        env = server.env(env)
     res = subprocess.run(["bash", str(RECIPES / script), str(input_path), str(out)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -143,7 +143,8 @@ def evaluate_policies(a) -> Comparison:
         gen = None
         if a.generate:
             gen = evaluate_generation(model, records, a.generate, groups, a.batch_size, a.max_new_tokens,
-                                      progress=lambda i, n: logger.info("generated %d/%d", i, n), **a.generation_kwargs())
+                                      progress=lambda i, n: logger.info("generated %d/%d", i, n),
+                                      prompts=a.generate_prompts, **a.generation_kwargs())
         return Scored(metrics, metrics.pop("pairs"), gen)
 
     result = compare_models(a.model, score, groups, a.per_pair, matcher, match_groups)

@@ -178,23 +178,55 @@ def held_out_prompts(records: list[dict], n_per_user: int, seed: int = 0) -> lis
     return out
 
 
+def shared_prompts(records: list[dict], n: int, seed: int = 0) -> list[tuple[str | None, object, str | None]]:
+    """The same ``n`` held-out prompts (drawn from every user's) for each user: (user_id, prompt, user_text).
+    Group lengths then compare on the same posts, not on each user's own (whose natural lengths differ)."""
+    pool: dict = {}
+    texts: dict = {}
+    for rec in records:
+        pool.setdefault(json.dumps(rec["prompt"], sort_keys=True), rec["prompt"])
+        texts.setdefault(rec.get("user_id"), rec.get("user_text"))
+    keys = sorted(pool)
+    random.Random(seed).shuffle(keys)
+    prompts = [pool[k] for k in keys[:n]]
+    return [(uid, p, texts[uid]) for uid in sorted(texts, key=lambda u: (u is None, str(u))) for p in prompts]
+
+
+GENERATE_PROMPTS = ("own", "shared")
+
+
 def evaluate_generation(model: PersonalizedLM, records: list[dict], n_per_user: int = 4, groups: dict | None = None,
                         batch_size: int = 8, max_new_tokens: int = 64, seed: int = 0, progress=None,
-                        **generate_kwargs) -> dict:
-    """Generate for held-out prompts of each user; mean response length (words) per user group."""
+                        prompts: str = "own", **generate_kwargs) -> dict:
+    """Generate for held-out prompts of each user; mean response length (words) per user group.
+    ``prompts``: ``own`` (each user's own held-out prompts) or ``shared`` (the same prompts for every user)."""
+    if prompts not in GENERATE_PROMPTS:
+        raise ValueError(f"prompts must be one of {GENERATE_PROMPTS}, got {prompts!r}")
     groups = groups or {}
-    items = held_out_prompts(records, n_per_user, seed)
-    generations = []
-    for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
-        texts = model.generate([p for _, p, _ in chunk], [u for u, _, _ in chunk], [t for _, _, t in chunk],
-                               max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
-        for (uid, prompt, user_text), text in zip(chunk, texts):
-            generations.append({"user_id": uid, "group": group_of(uid, model, groups), "prompt": prompt,
-                                "response": text, "n_words": len(text.split()),
-                                **({"user_text": user_text} if user_text else {})})
+    items = (shared_prompts if prompts == "shared" else held_out_prompts)(records, n_per_user, seed)
+
+    def served(item) -> tuple:  # greedy decoding: one text per prompt and served user (unknown ids share e_0)
+        uid, prompt, text = item
+        return json.dumps(prompt, sort_keys=True), uid if uid is not None and uid in model.registry else None, text
+
+    first: dict = {}
+    for it in items:
+        first.setdefault(served(it), it)
+    todo = list(first.values())
+    texts: dict = {}
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s:s + batch_size]
+        outs = model.generate([p for _, p, _ in chunk], [u for u, _, _ in chunk], [t for _, _, t in chunk],
+                              max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+        texts.update({served(it): out for it, out in zip(chunk, outs)})
         if progress:
-            progress(min(s + batch_size, len(items)), len(items))
+            progress(min(s + batch_size, len(todo)), len(todo))
+    generations = []
+    for uid, prompt, user_text in items:
+        text = texts[served((uid, prompt, user_text))]
+        generations.append({"user_id": uid, "group": group_of(uid, model, groups), "prompt": prompt,
+                            "response": text, "n_words": len(text.split()),
+                            **({"user_text": user_text} if user_text else {})})
     by_group: dict[str, list[int]] = {}
     for g in generations:
         by_group.setdefault(g["group"], []).append(g["n_words"])
@@ -202,5 +234,6 @@ def evaluate_generation(model: PersonalizedLM, records: list[dict], n_per_user: 
         "length": {k: statistics.fmean(v) for k, v in sorted(by_group.items())},
         "length_ci": {k: bootstrap_ci([float(x) for x in v]) for k, v in sorted(by_group.items())},
         "n_generations": {k: len(v) for k, v in sorted(by_group.items())},
+        "prompts": prompts,
         "generations": generations,
     }

@@ -33,6 +33,7 @@ def method_summary(metrics: dict, pairs: list[dict], generation: dict | None = N
     if generation is not None:
         out["length"] = generation["length"]
         out["length_ci"] = generation["length_ci"]
+        out["length_prompts"] = generation.get("prompts", "own")
         if matcher is not None:
             match = user_match_rate(matcher, generation["generations"], match_groups)
             out.update(user_match=match["rate"], user_match_ci=match["ci"], user_match_chance=match["chance"],

@@ -56,6 +56,8 @@ class EvalConfig(LoadingOptions):
     reference: str | None = option(None, "pi_SFT (default: the one recorded at training time)")
     users: str | None = option(None, "users.json of the data (groups for generation lengths)")
     generate: int = option(0, "generate for N held-out prompts per user")
+    generate_prompts: str = option("own", "own: each user's own held-out prompts; shared: the same N prompts (drawn from "
+                                   "every user's) for each user, so group lengths compare on the same posts")
     train_data: str | None = option(None, "training pairs whose chosen responses define each user's (or group's) TF-IDF "
                                    "centroid for the user-match rate (default: train.jsonl beside --users)")
     max_new_tokens: int = option(64, "new tokens per generation at most")
@@ -75,6 +77,8 @@ class EvalConfig(LoadingOptions):
         for name in ("generate", "max_new_tokens", "batch_size", "max_length", "max_prompt_length"):
             if getattr(self, name) < (0 if name == "generate" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.generate_prompts not in ("own", "shared"):
+            raise ValueError(f"--generate-prompts must be own or shared, got {self.generate_prompts!r}")
 
 
 @dataclass
