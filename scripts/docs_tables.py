@@ -70,6 +70,8 @@ def diff(m: dict, group: str = "seen", key: str = "accuracy_difference") -> str:
 def pair_diff(report: dict, a: str, b: str, group: str = "seen") -> str:
     """a minus b on the same pairs, from ``accuracy_differences`` (either direction)."""
     ma, mb = report["methods"][a], report["methods"][b]
+    if (ma.get("accuracy_difference") or {}).get("vs") == b:  # against the report's first model
+        return diff(ma, group)
     if b in (ma.get("accuracy_differences") or {}):
         d = ma["accuracy_differences"][b].get(group)
         return "-" if not d else f"{d['mean']:+.3f}{fmt_interval(d.get('ci'))}"
@@ -336,6 +338,24 @@ def t_tldr_targets(run: str, base: str = "dpo", method: str = "pdpo_individual")
         if report.get("runtime_seconds") else ["runtime <= 5,400 s", "not a whole-recipe run", "-"],
     ]
     return md(["target", "measured", "met"], rows)
+
+
+def t_tldr_probes(*specs: str) -> str:
+    """P-DPO settings on the TL;DR recipe's pi_SFT, each ``RUN:METHOD[:LABEL]`` (LABEL: the setting, ``_`` for
+    spaces) against the run's vanilla DPO on the same pairs and the same prompts: issue 24's length targets."""
+    rows = []
+    for spec in specs:
+        run, method, *label = spec.split(":")
+        report = run_report(run)
+        b, m = report["methods"]["dpo"], report["methods"][method]
+        lb, lm = b.get("length") or {}, m.get("length") or {}
+        ratio = lm["minority"] / lm["majority"]
+        unseen = lm["unseen"] / lb["unseen"] - 1
+        rows.append([label[0].replace("_", " ") if label else method, fmt_number(m["accuracy"]["seen"]),
+                     pair_diff(report, method, "dpo"), f"{lm['majority']:.1f}", f"{lm['minority']:.1f}",
+                     f"{ratio:.2f}", f"{lm['unseen']:.1f} vs {lb['unseen']:.1f} ({unseen:+.0%})", f"`docs/runs/{run}`"])
+    return md(["P-DPO setting", "acc seen", "seen - dpo (paired)", "words majority", "words minority",
+               "minority / majority (target <= 0.6)", "words unseen vs dpo (target within 25%)", "run file"], rows)
 
 
 def t_policy_or_rm(run: str) -> str:
