@@ -89,6 +89,12 @@ def test_generation_runs_each_served_user_and_prompt_once():
     assert len(gen["generations"]) == 6 and gen["n_generations"] == {"majority": 2, "unseen": 4}
     by = {(g["user_id"], g["prompt"]): g["response"] for g in gen["generations"]}
     assert by[("new2", "p1")] == by[("new1", "p1")] == "p1 for new1" and by[("a", "p2")] == "p2 for a"
+    # the prompt baseline writes each id into the prompt: unknown users are not served alike there
+    model = Recorder(["a"])
+    model.calls = []
+    model.prlhf_config = type("Cfg", (), {"user_id_prompt": "[user: {user_id}]\n"})()
+    evaluate_generation(model, recs, n_per_user=2, prompts="shared")
+    assert len(model.calls) == 6
 
 
 def test_comparison_table_lists_methods_and_groups():

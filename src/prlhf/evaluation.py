@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .config.commands import GENERATE_PROMPTS
 from .data import tokenize_dataset
 from .modeling import PersonalizedLM
 from .reference import memoized_reference, reference_pair_logps
@@ -192,9 +193,6 @@ def shared_prompts(records: list[dict], n: int, seed: int = 0) -> list[tuple[str
     return [(uid, p, texts[uid]) for uid in sorted(texts, key=lambda u: (u is None, str(u))) for p in prompts]
 
 
-GENERATE_PROMPTS = ("own", "shared")
-
-
 def evaluate_generation(model: PersonalizedLM, records: list[dict], n_per_user: int = 4, groups: dict | None = None,
                         batch_size: int = 8, max_new_tokens: int = 64, seed: int = 0, progress=None,
                         prompts: str = "own", **generate_kwargs) -> dict:
@@ -205,9 +203,14 @@ def evaluate_generation(model: PersonalizedLM, records: list[dict], n_per_user: 
     groups = groups or {}
     items = (shared_prompts if prompts == "shared" else held_out_prompts)(records, n_per_user, seed)
 
-    def served(item) -> tuple:  # greedy decoding: one text per prompt and served user (unknown ids share e_0)
+    # greedy decoding: one text per prompt and served user. Unknown ids share e_0, unless the prompt
+    # baseline writes each id into the prompt (user_id_prompt)
+    ids_in_prompt = bool(getattr(getattr(model, "prlhf_config", None), "user_id_prompt", None))
+
+    def served(item) -> tuple:
         uid, prompt, text = item
-        return json.dumps(prompt, sort_keys=True), uid if uid is not None and uid in model.registry else None, text
+        who = uid if ids_in_prompt or (uid is not None and uid in model.registry) else None
+        return json.dumps(prompt, sort_keys=True), who, text
 
     first: dict = {}
     for it in items:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from ..base_models import DTYPES
 from .option import option
 
+GENERATE_PROMPTS = ("own", "shared")  # `prlhf eval --generate-prompts`: whose held-out prompts each user answers
+
 
 @dataclass
 class LoadingOptions:
@@ -77,8 +79,8 @@ class EvalConfig(LoadingOptions):
         for name in ("generate", "max_new_tokens", "batch_size", "max_length", "max_prompt_length"):
             if getattr(self, name) < (0 if name == "generate" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.generate_prompts not in ("own", "shared"):
-            raise ValueError(f"--generate-prompts must be own or shared, got {self.generate_prompts!r}")
+        if self.generate_prompts not in GENERATE_PROMPTS:
+            raise ValueError(f"--generate-prompts must be one of {', '.join(GENERATE_PROMPTS)}, got {self.generate_prompts!r}")
 
 
 @dataclass
