@@ -314,15 +314,22 @@ def t_tldr_lengths(run: str) -> str:
     return md(["method", "words majority", "words minority", "words unseen", "minority / majority", "user match (long / short)"], rows)
 
 
+def length_ratios(b: dict, m: dict) -> tuple:
+    """(m's minority / majority words, b's, m's unseen words relative to b's): issue 24's length targets."""
+    lb, lm = b.get("length") or {}, m.get("length") or {}
+    ratio_m = lm["minority"] / lm["majority"] if lm.get("majority") else None
+    ratio_b = lb["minority"] / lb["majority"] if lb.get("majority") else None
+    unseen = lm["unseen"] / lb["unseen"] - 1 if lb.get("unseen") else None
+    return ratio_m, ratio_b, unseen
+
+
 def t_tldr_targets(run: str, base: str = "dpo", method: str = "pdpo_individual") -> str:
     """Issue 24's TL;DR targets, each measured on the run's held-out pairs and generations."""
     report = run_report(run)
     ms = report["methods"]
     b, m = ms[base], ms[method]
     lb, lm = b.get("length") or {}, m.get("length") or {}
-    ratio_m = lm["minority"] / lm["majority"] if lm.get("majority") else None
-    ratio_b = lb["minority"] / lb["majority"] if lb.get("majority") else None
-    unseen = lm["unseen"] / lb["unseen"] - 1 if lb.get("unseen") else None
+    ratio_m, ratio_b, unseen = length_ratios(b, m)
     d = m["accuracy_differences"][base]["seen"] if base in (m.get("accuracy_differences") or {}) else m["accuracy_difference"]["seen"]
     rows = [
         [f"{method} minority words <= 0.6x majority", f"{lm['minority']:.1f} / {lm['majority']:.1f} = {ratio_m:.2f}",
@@ -349,8 +356,7 @@ def t_tldr_probes(*specs: str) -> str:
         report = run_report(run)
         b, m = report["methods"]["dpo"], report["methods"][method]
         lb, lm = b.get("length") or {}, m.get("length") or {}
-        ratio = lm["minority"] / lm["majority"]
-        unseen = lm["unseen"] / lb["unseen"] - 1
+        ratio, _, unseen = length_ratios(b, m)
         rows.append([label[0].replace("_", " ") if label else method, fmt_number(m["accuracy"]["seen"]),
                      pair_diff(report, method, "dpo"), f"{lm['majority']:.1f}", f"{lm['minority']:.1f}",
                      f"{ratio:.2f}", f"{lm['unseen']:.1f} vs {lb['unseen']:.1f} ({unseen:+.0%})", f"`docs/runs/{run}`"])

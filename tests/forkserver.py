@@ -115,8 +115,9 @@ def _run_command(request: dict, fds: list[int]) -> None:
             os._exit(rc or 0)
 
 
-def _supervise(conn) -> None:
-    """In a forked supervisor: start the command's process, wait for it, send its exit status."""
+def _supervise(conn, log_path: str) -> None:
+    """In a forked supervisor: start the command's process, wait for it, send its exit status (and log
+    the command with it, so that a test can tell the server ran it)."""
     msg, fds, _, _ = socket.recv_fds(conn, 8, 3)
     request = json.loads(_recv_exactly(conn, struct.unpack("!Q", msg)[0]))
     pid = os.fork()
@@ -127,7 +128,10 @@ def _supervise(conn) -> None:
         os.close(fd)
     _, status = os.waitpid(pid, 0)
     rc = os.waitstatus_to_exitcode(status)
-    conn.sendall(struct.pack("!i", rc if rc >= 0 else 128 - rc))
+    rc = rc if rc >= 0 else 128 - rc
+    with open(log_path, "a") as f:
+        f.write(json.dumps({"argv": request["argv"], "rc": rc}) + "\n")
+    conn.sendall(struct.pack("!i", rc))
 
 
 def serve(sock_path: str) -> None:
@@ -162,7 +166,7 @@ def serve(sock_path: str) -> None:
         if os.fork() == 0:
             srv.close()
             try:
-                _supervise(conn)
+                _supervise(conn, sock_path + ".log")
             finally:
                 os._exit(0)
         conn.close()
@@ -183,6 +187,13 @@ class ForkServer:
         self.shim_dir = os.path.join(folder, "bin")
         os.makedirs(self.shim_dir, exist_ok=True)
         write_shim(self.shim_dir, self.sock)
+
+    def served(self) -> list[dict]:
+        """The commands the server ran: argv and exit status, in the order they ended."""
+        if not os.path.exists(self.sock + ".log"):
+            return []
+        with open(self.sock + ".log") as f:
+            return [json.loads(line) for line in f]
 
     def env(self, base: dict) -> dict:
         return {**base, "PATH": f"{self.shim_dir}{os.pathsep}{base.get('PATH', '')}"}

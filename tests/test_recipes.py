@@ -93,9 +93,13 @@ def run_shell_recipe(script: str, input_path: Path, out: Path, overrides: str, *
     server = prlhf_fork_server()
     if server is not None:
         env = server.env(env)
+        served_before = len(server.served())
     res = subprocess.run(["bash", str(RECIPES / script), str(input_path), str(out)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    if server is not None:  # its `prlhf` lines ran in the fork server, each one ending 0
+        served = server.served()[served_before:]
+        assert served and all(c["rc"] == 0 for c in served), served
     return json.loads((out / "report.json").read_text())
 
 

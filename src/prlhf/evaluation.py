@@ -212,21 +212,22 @@ def evaluate_generation(model: PersonalizedLM, records: list[dict], n_per_user: 
         who = uid if ids_in_prompt or (uid is not None and uid in model.registry) else None
         return json.dumps(prompt, sort_keys=True), who, text
 
+    keys = [served(it) for it in items]
     first: dict = {}
-    for it in items:
-        first.setdefault(served(it), it)
-    todo = list(first.values())
+    for key, it in zip(keys, items):
+        first.setdefault(key, it)
+    todo = list(first.items())  # (key, item): each served user and prompt once
     texts: dict = {}
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
-        outs = model.generate([p for _, p, _ in chunk], [u for u, _, _ in chunk], [t for _, _, t in chunk],
+        outs = model.generate([p for _, (_, p, _) in chunk], [u for _, (u, _, _) in chunk], [t for _, (_, _, t) in chunk],
                               max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
-        texts.update({served(it): out for it, out in zip(chunk, outs)})
+        texts.update({key: out for (key, _), out in zip(chunk, outs)})
         if progress:
             progress(min(s + batch_size, len(todo)), len(todo))
     generations = []
-    for uid, prompt, user_text in items:
-        text = texts[served((uid, prompt, user_text))]
+    for key, (uid, prompt, user_text) in zip(keys, items):
+        text = texts[key]
         generations.append({"user_id": uid, "group": group_of(uid, model, groups), "prompt": prompt,
                             "response": text, "n_words": len(text.split()),
                             **({"user_text": user_text} if user_text else {})})
